@@ -1,0 +1,38 @@
+# The front door: `make run` and `make test` work from a fresh clone (Python 3.11, pip reaching PyPI).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Greedy continuation from the embedded default model (no arguments, no download).
+run: $(STAMP)
+	$(PY) -m kimi_jax.generate $(ARGS)
+
+# The whole suite on CPU with 8 fake devices (set in tests/conftest.py).
+test: $(TEST_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check kimi_jax sharding scripts tests
+
+bench: $(TEST_STAMP)
+	$(PY) scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,114 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3 section 2.1.
+
+    c_q   = RMSNorm(x W_qa)                         q = c_q W_qb  -> per head [q_nope | q_rope]
+    [c_kv | k_r] = x W_kva                           c_kv = RMSNorm(c_kv)   (the cached latent)
+    [k_nope | v] = c_kv W_kvb  (per head)            k_r shared by all heads, roped once
+    o = softmax(scale · (q_nope·k_nope + q_rope·k_r)) v,   out = o W_o
+
+Per layer and token the cache holds only c_kv (kv_lora_rank) and roped k_r (qk_rope_head_dim).
+Two equivalent ways to attend to it:
+  * expanded: build k_nope and v for every cached token (cheap per query when queries are many);
+  * absorbed: fold W_kvb's key part into the query (q_nope W_uk -> latent space) and apply its value
+    part after attention, so per-head K/V are never built (decode: one query, many keys).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kimi_jax.config import Config
+from kimi_jax.layers import apply_rope, rms_norm, rope_angles
+from kimi_jax.quant import dequantize, linear
+from kimi_jax.weights import attention_specs, declare
+
+NEG_INF = -1e30  # finite, so a fully masked row (a padded query) stays NaN-free
+
+
+class LatentCache(NamedTuple):
+    """One layer's cache: slot s holds the token at position s of each sequence."""
+
+    latent: jax.Array  # [B, S, kv_lora_rank], normalised c_kv
+    k_rope: jax.Array  # [B, S, qk_rope_head_dim], roped shared key
+
+
+def write_cache(cache: LatentCache, latent: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
+    """Store new tokens at slot = position; positions < 0 or ≥ S (padding) are dropped."""
+    s = cache.latent.shape[1]
+    slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # s is out of range: dropped
+    b = jnp.arange(positions.shape[0])[:, None]
+    return LatentCache(cache.latent.at[b, slots].set(latent.astype(cache.latent.dtype), mode="drop"),
+                       cache.k_rope.at[b, slots].set(k_rope.astype(cache.k_rope.dtype), mode="drop"))
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """[B, T, S] causal mask: key visible if 0 ≤ k_pos ≤ q_pos (a negative position is padding)."""
+    return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0) & (q_pos[:, :, None] >= 0)
+
+
+def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    scores = jnp.where(mask[:, None], scores, NEG_INF)  # scores [B, H, T, S]
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class MLA(nn.Module):
+    """MLA for one layer. `absorb` picks the absorbed form (decode) over the expanded one (prefill)."""
+
+    cfg: Config
+    absorb: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None):
+        """x [B, T, D], positions [B, T] (−1 = padding) -> (out [B, T, D], updated cache or None)."""
+        cfg = self.cfg
+        p = declare(self, attention_specs(cfg), cfg)
+        b, t, _ = x.shape
+        h, nope, rope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        eps = cfg.rms_norm_eps
+        cos, sin = rope_angles(cfg, jnp.maximum(positions, 0))
+
+        c_q = rms_norm(linear(x, p["q_a_proj"]), p["q_a_norm"], eps)
+        q = linear(c_q, p["q_b_proj"]).reshape(b, t, h, nope + rope)  # (B, T, H, nope+rope)
+        q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
+
+        kv = linear(x, p["kv_a_proj"])  # (B, T, kv_lora + rope)
+        latent = rms_norm(kv[..., :cfg.kv_lora_rank], p["kv_a_norm"], eps)
+        k_rope = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
+
+        if cache is None:
+            keys, k_pos = LatentCache(latent, k_rope), positions
+        else:
+            cache = write_cache(cache, latent, k_rope, positions)
+            keys = LatentCache(cache.latent.astype(x.dtype), cache.k_rope.astype(x.dtype))
+            k_pos = jnp.broadcast_to(jnp.arange(keys.latent.shape[1]), (b, keys.latent.shape[1]))
+        mask = attention_mask(positions, k_pos)
+
+        w_kv = dequantize(p["kv_b_proj"], x.dtype).reshape(h, nope + vd, cfg.kv_lora_rank)
+        w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # (H, nope, kv), (H, v, kv)
+        attend = _absorbed if self.absorb else _expanded
+        o = attend(q_nope, q_rope, keys, mask, w_uk, w_uv, cfg.softmax_scale)  # (B, T, H, v)
+        out = linear(o.reshape(b, t, h * vd), p["o_proj"])
+        return out, cache
+
+
+def _expanded(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
+    """Build per-head k_nope and v for every key, then ordinary attention."""
+    k_nope = jnp.einsum("bsc,hnc->bshn", keys.latent, w_uk)
+    v = jnp.einsum("bsc,hvc->bshv", keys.latent, w_uv)
+    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32))
+    probs = _softmax(scores * scale, mask).astype(v.dtype)
+    return jnp.einsum("bhts,bshv->bthv", probs, v)
+
+
+def _absorbed(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
+    """Attend in the latent space: q_nope·k_nope = (q_nope W_uk)·c_kv, and o = (p·c_kv) W_uvᵀ."""
+    q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, kv_lora)
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, keys.latent, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32))
+    probs = _softmax(scores * scale, mask).astype(keys.latent.dtype)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs, keys.latent)
+    return jnp.einsum("bthc,hvc->bthv", o_lat, w_uv)

@@ -1,0 +1,83 @@
+"""The decoder: embedding, the dense prefix and the MoE layers as two scanned stacks, norm, lm_head.
+
+Parameters are a plain pytree passed to `Transformer.apply({"params": params}, ...)`; its layout is
+the one `weights.model_specs` declares (stacked groups have a leading `layers` axis).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kimi_jax.attention import MLA, LatentCache
+from kimi_jax.config import Config
+from kimi_jax.layers import MLP, rms_norm
+from kimi_jax.moe import MoE
+from kimi_jax.weights import LAYER_GROUPS, declare, layer_specs, model_specs
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then + FFN(norm(·)) where FFN is a dense MLP or MoE."""
+
+    cfg: Config
+    moe: bool
+    absorb: bool = False
+    backend: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: LatentCache | None, positions: jax.Array):
+        cfg = self.cfg
+        p = declare(self, layer_specs(cfg, self.moe), cfg)  # the two norms; attn/ffn declare their own
+        h, cache = MLA(cfg, self.absorb, name="attn")(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache)
+        x = x + h
+        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        if self.moe:
+            y = MoE(cfg, self.backend, name="ffn")(y)
+        else:
+            y = MLP(cfg, name="ffn")(y)
+        return x + y, cache
+
+
+class Transformer(nn.Module):
+    """Token ids -> logits. With `cache` (a dict of stacked LatentCaches per group) it reads and updates it."""
+
+    cfg: Config
+    absorb: bool = False  # absorbed MLA (decode) instead of expanded (prefill / full forward)
+    backend: str | None = None  # routed-expert kernel, see moe.expert_backend
+    dtype: jnp.dtype = jnp.bfloat16  # compute dtype
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
+                 return_hidden: bool = False):
+        """tokens, positions [B, T] (position −1 marks padding) -> (logits [B, T, V] f32, cache)."""
+        cfg = self.cfg
+        p = declare(self, model_specs(cfg), cfg)  # embed, final_norm, lm_head; the stacks declare the rest
+        x = p["embed"][tokens].astype(self.dtype)  # (B, T, D)
+        new_cache = {} if cache is not None else None
+        for group, (_, count, moe) in LAYER_GROUPS.items():
+            if not count(cfg):
+                continue
+            # Layers scan: compile time does not grow with depth. Params and cache carry a layer axis.
+            stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast), out_axes=0, length=count(cfg))
+            layer_cache = None if cache is None else cache[group]
+            x, group_cache = stack(cfg, moe, self.absorb, self.backend, name=group)(x, layer_cache, positions)
+            if cache is not None:
+                new_cache[group] = group_cache
+        x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps)
+        if return_hidden:
+            return x, new_cache
+        logits = jnp.einsum("btd,vd->btv", x, p["lm_head"].astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits, new_cache
+
+
+def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.bfloat16) -> dict[str, LatentCache]:
+    """An empty latent cache: per group, [layers, B, S, kv_lora_rank] and [layers, B, S, rope]."""
+    cache = {}
+    for group, (_, count, _) in LAYER_GROUPS.items():
+        n = count(cfg)
+        if n:
+            cache[group] = LatentCache(jnp.zeros((n, batch, length, cfg.kv_lora_rank), dtype),
+                                       jnp.zeros((n, batch, length, cfg.qk_rope_head_dim), dtype))
+    return cache
