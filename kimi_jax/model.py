@@ -24,19 +24,19 @@ class DecoderLayer(nn.Module):
     moe: bool
     absorb: bool = False
     backend: str | None = None
+    dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: LatentCache | None, positions: jax.Array):
+        """x [B, T, D] is the float32 residual stream; the blocks compute in `dtype`."""
         cfg = self.cfg
         p = declare(self, layer_specs(cfg, self.moe), cfg)  # the two norms; attn/ffn declare their own
-        h, cache = MLA(cfg, self.absorb, name="attn")(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache)
-        x = x + h
-        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        if self.moe:
-            y = MoE(cfg, self.backend, name="ffn")(y)
-        else:
-            y = MLP(cfg, name="ffn")(y)
-        return x + y, cache
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(self.dtype)
+        h, cache = MLA(cfg, self.absorb, name="attn")(h, positions, cache)
+        x = x + h.astype(jnp.float32)
+        y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(self.dtype)
+        y = MoE(cfg, self.backend, name="ffn")(y) if self.moe else MLP(cfg, name="ffn")(y)
+        return x + y.astype(jnp.float32), cache
 
 
 class Transformer(nn.Module):
@@ -53,7 +53,9 @@ class Transformer(nn.Module):
         """tokens, positions [B, T] (position −1 marks padding) -> (logits [B, T, V] f32, cache)."""
         cfg = self.cfg
         p = declare(self, model_specs(cfg), cfg)  # embed, final_norm, lm_head; the stacks declare the rest
-        x = p["embed"][tokens].astype(self.dtype)  # (B, T, D)
+        # The residual stream stays float32 (one rounding per block instead of per addition); the
+        # blocks compute in `dtype`. Cheap, and bf16 logits land closer to the float32 reference.
+        x = p["embed"][tokens].astype(jnp.float32)  # (B, T, D)
         new_cache = {} if cache is not None else None
         for group, (_, count, moe) in LAYER_GROUPS.items():
             if not count(cfg):
@@ -62,10 +64,10 @@ class Transformer(nn.Module):
             stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast), out_axes=0, length=count(cfg))
             layer_cache = None if cache is None else cache[group]
-            x, group_cache = stack(cfg, moe, self.absorb, self.backend, name=group)(x, layer_cache, positions)
+            x, group_cache = stack(cfg, moe, self.absorb, self.backend, self.dtype, name=group)(x, layer_cache, positions)
             if cache is not None:
                 new_cache[group] = group_cache
-        x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps)
+        x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps).astype(self.dtype)
         if return_hidden:
             return x, new_cache
         logits = jnp.einsum("btd,vd->btv", x, p["lm_head"].astype(self.dtype), preferred_element_type=jnp.float32)

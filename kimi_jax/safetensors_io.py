@@ -20,7 +20,7 @@ import math
 import mmap
 import os
 import threading
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -29,23 +29,12 @@ INDEX_FILENAME = "model.safetensors.index.json"
 SINGLE_FILENAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same cap as the reference implementation
 
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
+DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
+    ("BOOL", np.bool_), ("U8", np.uint8), ("I8", np.int8), ("U16", np.uint16),
+    ("I16", np.int16), ("U32", np.uint32), ("I32", np.int32), ("U64", np.uint64),
+    ("I64", np.int64), ("F16", np.float16), ("BF16", ml_dtypes.bfloat16), ("F32", np.float32),
+    ("F64", np.float64), ("F8_E4M3", ml_dtypes.float8_e4m3fn), ("F8_E5M2", ml_dtypes.float8_e5m2),
+]}
 _DTYPE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 
 
@@ -62,7 +51,6 @@ class TensorInfo(NamedTuple):
 
 
 class _Entry(NamedTuple):
-    dtype_name: str
     info: TensorInfo
     begin: int
     end: int
@@ -109,7 +97,7 @@ def _parse_entry(fname: str, name: str, raw: Any) -> _Entry:
         raise SafetensorsError(
             f"{where} needs {nbytes} bytes (shape {shape}, {dtype_name}) "
             f"but its data_offsets span {end - begin}")
-    return _Entry(dtype_name, TensorInfo(dtype, tuple(shape), nbytes), begin, end)
+    return _Entry(TensorInfo(dtype, tuple(shape), nbytes), begin, end)
 
 
 class SafetensorsFile:
@@ -155,7 +143,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise SafetensorsError(f"{fname}: header must be a JSON object, found {type(header).__name__}")
 
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata  # the reference writes null for none
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise SafetensorsError(f"{fname}: __metadata__ must map str to str, found {metadata!r}")
@@ -187,12 +176,6 @@ class SafetensorsFile:
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
 
     def metadata(self) -> dict[str, str]:
         """A copy of the `__metadata__` string map (empty if the file has none)."""

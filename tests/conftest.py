@@ -4,3 +4,38 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kimi-k2-instruct"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def reference_file(name: str, fallback: str) -> Path:
+    """A file of ../shared/reference (the real release's), or its verbatim copy in tests/data."""
+    path = Path(os.environ.get("KIMI_REFERENCE_DIR", REFERENCE)) / name
+    return path if path.exists() else DATA / fallback
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory):
+    """Factory: a small checkpoint in the release's hub layout (fp8 + scales, 3 shards, index) and its params.
+
+    Cached per (config name, seed) for the session; weights are N(0, 0.05) so attention is not flat.
+    """
+    from kimi_jax.checkpoint import save_hf_checkpoint
+    from kimi_jax.weights import random_params
+
+    cache = {}
+
+    def make(cfg, seed: int = 0):
+        key = (cfg, seed)
+        if key not in cache:
+            params = random_params(cfg, seed=seed, std=0.05)
+            path = save_hf_checkpoint(params, cfg, tmp_path_factory.mktemp(f"{cfg.name}-{seed}"), num_shards=3)
+            cache[key] = (path, params)
+        return cache[key]
+
+    return make
