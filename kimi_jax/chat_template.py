@@ -11,10 +11,14 @@ preceded by a default system turn when the conversation does not open with one, 
 `tool_declare` turn when tools are given. tests/test_chat_template.py checks the equality
 against the jinja template on many conversations.
 
+`render_chat_segments` returns the same text split into template pieces and caller-supplied
+pieces, so that a tokenizer can refuse to turn a `<|im_end|>` typed by a user into the real
+token (rendering the string and encoding it with specials, as HF does, would).
+
 Deliberate differences from the template, for inputs it renders badly:
 - invalid messages (unknown role, no content and no tool_calls, tool result without
-  `tool_call_id`, tool call without `id`/`arguments`) raise ValueError naming the message
-  index instead of rendering empty strings or Python reprs;
+  `tool_call_id`, tool call without `id`/`arguments`) raise ChatFormatError (a ValueError)
+  naming the message index instead of rendering empty strings or Python reprs;
 - list content on an assistant-with-tool-calls or a tool message is flattened like user list
   content (the template would print the Python repr of the list).
 """
@@ -39,6 +43,10 @@ _ROLE_MARKERS = {
 IMAGE_PLACEHOLDER = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>\n"
 
 Message = Mapping[str, Any]
+
+
+class ChatFormatError(ValueError):
+    """A message cannot be rendered; the text names the message (and part) index."""
 
 
 def _tojson(value: Any) -> str:
@@ -69,7 +77,7 @@ def render_chat(
       special-token names typed inside messages as plain text (see `render_chat_segments`).
 
     Raises:
-      ValueError: a message is malformed; the message names its index.
+      ChatFormatError (a ValueError): a message is malformed; names the message index.
     """
     return "".join(text for text, _ in render_chat_segments(messages, tools, add_generation_prompt))
 
@@ -158,26 +166,26 @@ def _validate_message(message: Any, index: int) -> dict[str, Any]:
     """Check one message and return it as a dict without None-valued keys (as HF does)."""
     where = f"message {index}"
     if not isinstance(message, Mapping):
-        raise ValueError(f"{where}: expected a mapping with 'role', got {type(message).__name__}")
+        raise ChatFormatError(f"{where}: expected a mapping with 'role', got {type(message).__name__}")
     message = {k: v for k, v in message.items() if v is not None}
     role = message.get("role")
     if role not in _ROLE_MARKERS:
-        raise ValueError(f"{where}: unknown role {role!r}; expected one of {sorted(_ROLE_MARKERS)}")
+        raise ChatFormatError(f"{where}: unknown role {role!r}; expected one of {sorted(_ROLE_MARKERS)}")
     name = message.get("name")
     if name is not None and not isinstance(name, str):
-        raise ValueError(f"{where}: 'name' must be a string, got {type(name).__name__}")
+        raise ChatFormatError(f"{where}: 'name' must be a string, got {type(name).__name__}")
     content = message.get("content")
     tool_calls = message.get("tool_calls")
     if tool_calls and role != "assistant":
-        raise ValueError(f"{where}: only assistant messages may carry tool_calls (role {role!r})")
+        raise ChatFormatError(f"{where}: only assistant messages may carry tool_calls (role {role!r})")
     if content is None and not tool_calls:
-        raise ValueError(f"{where} (role {role!r}) has neither 'content' nor 'tool_calls'")
+        raise ChatFormatError(f"{where} (role {role!r}) has neither 'content' nor 'tool_calls'")
     if content is not None:
         _validate_content(content, where)
     if tool_calls:
         _validate_tool_calls(tool_calls, where)
     if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-        raise ValueError(f"{where}: a tool result needs a string 'tool_call_id' naming its call")
+        raise ChatFormatError(f"{where}: a tool result needs a string 'tool_call_id' naming its call")
     return message
 
 
@@ -185,31 +193,31 @@ def _validate_content(content: Any, where: str) -> None:
     if isinstance(content, str):
         return
     if not isinstance(content, Sequence):
-        raise ValueError(
+        raise ChatFormatError(
             f"{where}: 'content' must be a string or a list of parts, got {type(content).__name__}"
         )
     for j, part in enumerate(content):
         if not isinstance(part, Mapping):
-            raise ValueError(f"{where}, content part {j}: expected a mapping, got {part!r}")
+            raise ChatFormatError(f"{where}, content part {j}: expected a mapping, got {part!r}")
         is_image = part.get("type") == "image" or "image" in part or "image_url" in part
         if not is_image and not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}, content part {j}: a text part needs a string 'text'")
+            raise ChatFormatError(f"{where}, content part {j}: a text part needs a string 'text'")
 
 
 def _validate_tool_calls(tool_calls: Any, where: str) -> None:
     if not isinstance(tool_calls, Sequence) or isinstance(tool_calls, str):
-        raise ValueError(f"{where}: 'tool_calls' must be a list")
+        raise ChatFormatError(f"{where}: 'tool_calls' must be a list")
     for j, call in enumerate(tool_calls):
         if not isinstance(call, Mapping) or not isinstance(call.get("id"), str):
-            raise ValueError(f"{where}, tool call {j}: needs a string 'id' (functions.NAME:IDX)")
+            raise ChatFormatError(f"{where}, tool call {j}: needs a string 'id' (functions.NAME:IDX)")
         function = call.get("function")
         if not isinstance(function, Mapping) or function.get("arguments") is None:
-            raise ValueError(f"{where}, tool call {j}: needs 'function' with 'arguments'")
+            raise ChatFormatError(f"{where}, tool call {j}: needs 'function' with 'arguments'")
         if not isinstance(function["arguments"], str):
             try:
                 _tojson(function["arguments"])
             except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}, tool call {j}: arguments are not JSON-serialisable: {e}")
+                raise ChatFormatError(f"{where}, tool call {j}: arguments are not JSON-serialisable: {e}") from e
 
 
 _KIMI_CALL_ID = re.compile(r"functions\.\S+:\d+")
@@ -218,8 +226,8 @@ _KIMI_CALL_ID = re.compile(r"functions\.\S+:\d+")
 def normalize_tool_call_ids(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Rewrite tool-call ids that are not in Kimi's `functions.NAME:IDX` form.
 
-    OpenAI clients send ids such as `call_abc123`; the model was trained on ids of the form
-    `functions.NAME:IDX` with IDX counting the calls of the conversation. Each non-conforming
+    OpenAI clients send ids such as `call_abc123`, but the model expects the ids of earlier
+    calls to keep its own `functions.NAME:IDX` form. Each non-conforming
     assistant call id becomes `functions.{name}:{k}` (k = the call's position among all calls
     so far) and tool results that referred to it are updated. Conforming ids are kept. Returns
     new message dicts; the input is not modified.

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from kimi_jax.config import Config
-from kimi_jax.quant import QArray
+from kimi_jax.quant import QArray, to_storage
 from kimi_jax.safetensors_io import ShardedCheckpointReader, save_file, write_index
 from kimi_jax.weights import Leaf, build_tree, leaves, scale_shape
 
@@ -131,18 +131,20 @@ def default_placer(leaf: Leaf, part: str, shape: tuple[int, ...], read: Callable
     return jnp.asarray(read(None))
 
 
-def load_hf_params(directory: str | os.PathLike, cfg: Config, placer: Placer = default_placer) -> dict[str, Any]:
+def load_hf_params(directory: str | os.PathLike, cfg: Config, placer: Placer = default_placer,
+                   platform: str | None = None) -> dict[str, Any]:
     """Read an HF checkpoint into the engine's parameter tree, one weight at a time.
 
     `placer(leaf, part, shape, read)` turns a weight into a device array; `read(index)` returns the
-    host slice `index` (None: everything). The sharding package provides a placer that reads
-    only each device's slice.
+    host slice `index` (None: everything), fp8 values already in the storage dtype of `platform`
+    (the default backend's by default; see `quant.storage_dtype`). The sharding package provides a
+    placer that reads only each device's slice.
     """
     reader = HFReader(directory, cfg)
     try:
         def place(leaf: Leaf) -> Any:
             def part(name: str, shape: tuple[int, ...]) -> jax.Array:
-                return placer(leaf, name, shape, lambda index: reader.read(leaf, name, index))
+                return placer(leaf, name, shape, lambda index: to_storage(reader.read(leaf, name, index), platform))
 
             if leaf.spec.quantized:
                 return QArray(part("values", leaf.shape),
@@ -163,7 +165,7 @@ def hf_tensors(params: dict[str, Any], cfg: Config):
             node = node[k]
         for index, name in _expected_names(leaf):
             if isinstance(node, QArray):
-                yield name, np.asarray(node.values[index])
+                yield name, np.asarray(node.values[index]).view(ml_dtypes.float8_e4m3fn)
                 yield name + SCALE_SUFFIX, np.asarray(node.scales[index])
             else:
                 yield name, np.asarray(node[index])

@@ -20,9 +20,34 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
+def storage_dtype(platform: str | None = None) -> np.dtype:
+    """How fp8 values are held on a platform's devices: float8_e4m3fn, or its raw bytes as uint8 on CPU.
+
+    XLA's CPU backend has no fp8 data movement: float normalization rewrites a dynamic-slice or
+    gather of an fp8 array as the same op on an f16 copy of the *whole operand*, and loop-invariant
+    code motion then hoists that copy out of the layer scan, so every scanned layer is materialised
+    at 2 bytes per value (measured: temp memory 2x the fp8 stack). Integer data movement has no such
+    rewrite, so on CPU the same bytes are kept as uint8 and bit-cast back to fp8 only where one
+    layer's (or one expert tile's) weights are dequantized. GPU and TPU keep float8_e4m3fn.
+    """
+    return np.dtype(np.uint8) if (platform or jax.default_backend()) == "cpu" else np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def to_storage(values: np.ndarray, platform: str | None = None) -> np.ndarray:
+    """A zero-copy view of host fp8 values in the platform's storage dtype (see `storage_dtype`)."""
+    return values.view(storage_dtype(platform)) if values.dtype == np.dtype(ml_dtypes.float8_e4m3fn) else values
+
+
+def as_fp8(values: jax.Array) -> jax.Array:
+    """fp8 values from either storage form (uint8 raw bytes or float8_e4m3fn)."""
+    return jax.lax.bitcast_convert_type(values, FP8) if values.dtype == jnp.uint8 else values
+
+
 @struct.dataclass
 class QArray:
     """A block-fp8 weight: `values` [..., out, in] fp8 and `scales` [..., ceil(out/bo), ceil(in/bi)] f32.
+
+    `values` is float8_e4m3fn, or the same bytes as uint8 on CPU devices (see `storage_dtype`).
 
     Leading dimensions (layers, experts) are shared by both leaves, so a stacked QArray slices like
     an array: `w[i]` is layer i's weight.
@@ -64,6 +89,7 @@ def dequantize(w: QArray | jax.Array, dtype=jnp.float32) -> jax.Array:
     if not isinstance(w, QArray):
         return w.astype(dtype)
     values, scales = jax.lax.optimization_barrier((w.values, w.scales))
+    values = as_fp8(values)
     rows, cols = values.shape[-2:]
     br, bc = w.block
     s = jnp.repeat(jnp.repeat(scales, br, axis=-2)[..., :rows, :], bc, axis=-1)[..., :cols]

@@ -18,6 +18,7 @@ import abc
 import base64
 import codecs
 import heapq
+import itertools
 import json
 import os
 import re
@@ -31,20 +32,23 @@ import regex
 from kimi_jax.chat_template import render_chat_segments
 
 # Kimi-K2's pre-tokenizer split pattern (tiktoken `pat_str`); `&&` is class intersection.
-KIMI_PAT_STR = "|".join(
-    [
-        r"[\p{Han}]+",
+_KIMI_PAT_PIECES = (
+    r"[\p{Han}]+",
+    (
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
-        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    ),
+    (
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
-        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"\p{N}{1,3}",
-        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-        r"\s*[\r\n]+",
-        r"\s+(?!\S)",
-        r"\s+",
-    ]
+        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    ),
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
 )
+KIMI_PAT_STR = "|".join(_KIMI_PAT_PIECES)
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 # Offsets from num_base_tokens (163584 in the release); the other reserved ids are named
@@ -79,8 +83,8 @@ REQUIRED_SPECIAL_TOKENS = (
     "<|im_middle|>",
 )
 
-# tiktoken's regex overflows its stack on very long runs of whitespace (seen at 1M spaces), so
-# runs longer than this are cut before encoding, as the reference tokenizer also does.
+# tiktoken's regex overflows its stack on very long runs of whitespace (a panic at 1M spaces;
+# worker threads have smaller stacks), so runs longer than this are cut before encoding.
 _MAX_RUN_CHARS = 25_000
 
 
@@ -268,9 +272,9 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 def write_tiktoken_file(ranks: Mapping[bytes, int], path: str | os.PathLike) -> None:
     """Write ranks in the tiktoken BPE file format, one `base64(token) rank` line per token."""
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
     with open(path, "w", encoding="ascii") as f:
-        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-            f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
+        f.writelines(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank)
 
 
 def _added_tokens_from_config(config_path: Path) -> dict[int, str]:
@@ -308,7 +312,7 @@ class TiktokenTokenizer(Tokenizer):
         """`special_tokens` defaults to `kimi_special_tokens(len(ranks))`."""
         import tiktoken  # deferred: only this backend needs it
 
-        specials = dict(special_tokens or kimi_special_tokens(len(ranks)))
+        specials = dict(kimi_special_tokens(len(ranks)) if special_tokens is None else special_tokens)
         clashes = sorted(i for i in specials.values() if i < len(ranks))
         if clashes:
             raise ValueError(f"{source}: special ids {clashes[:5]} collide with BPE ranks < {len(ranks)}")
@@ -363,6 +367,10 @@ class TiktokenTokenizer(Tokenizer):
 _SPECIAL_PIECE = re.compile(r"<\|[^<>|]+\|>|\[[A-Z_]+\]")
 
 
+class NotASentencePieceModel(ValueError):
+    """The bytes given to SentencePieceTokenizer do not parse as a model."""
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model whose user-defined pieces include Kimi's special-token names.
 
@@ -383,7 +391,7 @@ class SentencePieceTokenizer(Tokenizer):
             proto.ParseFromString(proto_bytes)
             self._sp = spm.SentencePieceProcessor(model_proto=proto_bytes)
         except Exception as e:  # protobuf and sentencepiece raise assorted types on bad input
-            raise ValueError(f"{source} is not a sentencepiece model: {e}") from e
+            raise NotASentencePieceModel(f"{source} is not a sentencepiece model: {e}") from e
         types = [piece.type for piece in proto.pieces]
         piece_type = pb.ModelProto.SentencePiece.Type
         specials = {
@@ -507,13 +515,11 @@ def _load_file(path: Path) -> Tokenizer:
         return TiktokenTokenizer.from_file(path)
     try:
         return SentencePieceTokenizer(path)
-    except ValueError as e:
-        if isinstance(e.__cause__, Exception):  # the proto did not parse at all
-            raise ValueError(
-                f"{path} is neither a tiktoken BPE file ('base64(token) rank' per line) "
-                f"nor a sentencepiece model ({e.__cause__})"
-            ) from e
-        raise
+    except NotASentencePieceModel as e:
+        raise ValueError(
+            f"{path} is neither a tiktoken BPE file ('base64(token) rank' per line) "
+            f"nor a sentencepiece model ({e.__cause__})"
+        ) from e
 
 
 def _merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
@@ -548,7 +554,7 @@ def train_bpe_ranks(texts: Iterable[str], vocab_size: int, pat_str: str = KIMI_P
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)
     where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that may hold it
     for wi, word in enumerate(words):
-        for pair in zip(word, word[1:]):
+        for pair in itertools.pairwise(word):
             pair_counts[pair] += freqs[wi]
             where[pair].add(wi)
     # Max-heap of (−count, pair) with lazy deletion: stale entries are skipped when popped.
@@ -570,10 +576,10 @@ def train_bpe_ranks(texts: Iterable[str], vocab_size: int, pat_str: str = KIMI_P
             new = _merge_pair(old, pair[0], pair[1], new_id)
             if new == old:
                 continue
-            for p in zip(old, old[1:]):
+            for p in itertools.pairwise(old):
                 pair_counts[p] -= freqs[wi]
                 touched.add(p)
-            for p in zip(new, new[1:]):
+            for p in itertools.pairwise(new):
                 pair_counts[p] += freqs[wi]
                 where[p].add(wi)
                 touched.add(p)

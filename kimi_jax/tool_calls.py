@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, ClassVar
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_END = "<|tool_calls_section_end|>"
@@ -44,9 +44,10 @@ ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
 CALL_END = "<|tool_call_end|>"
 ALL_MARKERS = (SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARGUMENT_BEGIN, CALL_END)
 
-# `functions.NAME:IDX`; the prefix is optional so that a call the model wrote as `NAME:IDX`
-# is not lost. NAME is the longest non-blank run before the last `:digits`.
-_CALL_ID = re.compile(r"(?:functions\.)?(?P<name>\S+):(?P<index>\d+)")
+# `NAME:IDX` after an optional `functions.` prefix (so that a call the model wrote without
+# it is not lost). NAME is the non-blank run before the last `:digits`.
+_CALL_ID = re.compile(r"(?P<name>[^\s:]\S*):(?P<index>\d+)")
+_CALL_ID_PREFIX = "functions."
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ToolCallEnd:
     arguments: str
 
 
-ToolCallEvent = Union[ContentDelta, ToolCallStart, ToolCallArgumentsDelta, ToolCallEnd]
+ToolCallEvent = ContentDelta | ToolCallStart | ToolCallArgumentsDelta | ToolCallEnd
 
 
 def tool_call_dict(call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def _parse_call(body: str) -> tuple[str, str, str] | None:
     if len(pieces) != 2:
         return None
     call_id, arguments = pieces[0].strip(), pieces[1].strip()
-    match = _CALL_ID.fullmatch(call_id)
+    match = _CALL_ID.fullmatch(call_id.removeprefix(_CALL_ID_PREFIX))
     if match is None:
         return None
     try:
@@ -137,7 +138,7 @@ class ToolCallStreamParser:
 
     # The markers each state reacts to; CONTENT only knows the section opener.
     _CONTENT, _SECTION, _CALL = "content", "section", "call"
-    _MARKERS = {
+    _MARKERS: ClassVar[dict[str, tuple[str, ...]]] = {
         _CONTENT: (SECTION_BEGIN,),
         _SECTION: ALL_MARKERS,
         _CALL: (CALL_BEGIN, CALL_END, SECTION_END),

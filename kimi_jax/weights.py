@@ -183,9 +183,9 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ..
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
 
-def abstract_leaf(cfg: Config, shape: tuple[int, ...], spec: ParamSpec) -> Any:
+def abstract_leaf(cfg: Config, shape: tuple[int, ...], spec: ParamSpec, fp8_dtype: Any = FP8) -> Any:
     if spec.quantized:
-        return QArray(jax.ShapeDtypeStruct(shape, FP8),
+        return QArray(jax.ShapeDtypeStruct(shape, fp8_dtype),
                       jax.ShapeDtypeStruct(scale_shape(shape, cfg.weight_block_size), jnp.float32))
     return jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype))
 
@@ -201,9 +201,12 @@ def build_tree(cfg: Config, fn: Callable[[Leaf], Any]) -> dict[str, Any]:
     return tree
 
 
-def abstract_params(cfg: Config) -> dict[str, Any]:
-    """The parameter tree as `jax.ShapeDtypeStruct`s (QArray pairs for fp8 weights): no memory."""
-    return build_tree(cfg, lambda leaf: abstract_leaf(cfg, leaf.shape, leaf.spec))
+def abstract_params(cfg: Config, fp8_dtype: Any = FP8) -> dict[str, Any]:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (QArray pairs for fp8 weights): no memory.
+
+    fp8_dtype: the storage dtype of fp8 values (`quant.storage_dtype(platform)`: uint8 on CPU).
+    """
+    return build_tree(cfg, lambda leaf: abstract_leaf(cfg, leaf.shape, leaf.spec, fp8_dtype))
 
 
 def count_params(tree: Any) -> int:

@@ -10,7 +10,11 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from kimi_jax.chat_template import normalize_tool_call_ids, render_chat, render_chat_segments
+from kimi_jax.chat_template import (
+    normalize_tool_call_ids,
+    render_chat,
+    render_chat_segments,
+)
 
 TEMPLATE_NAME = "chat_template_0905.jinja"
 

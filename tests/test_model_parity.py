@@ -7,7 +7,13 @@ import kimi_jax
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
 from kimi_jax.checkpoint import save_hf_checkpoint
 from kimi_jax.hf_reference import hf_logits, hf_model
+from kimi_jax.quant import storage_dtype
+from kimi_jax.safetensors_io import SafetensorsFile, read_index
 from kimi_jax.weights import random_params
+
+
+def index_shard(path, name: str) -> str:
+    return read_index(path)[name]
 
 
 def rel(a, b) -> float:
@@ -55,11 +61,18 @@ def test_bf16_logits_close_to_transformers(case, tmp_path):
 
 
 def test_weights_stay_fp8_on_device(case):
+    """The device holds the checkpoint's fp8 bytes, 1 byte per value (uint8-typed on CPU: see quant.storage_dtype)."""
     cfg, path, _, _ = case
     model = kimi_jax.load(path)
     experts = model.params["moe_layers"]["ffn"]["experts_gate"]
     assert isinstance(experts, kimi_jax.QArray)
-    assert experts.values.dtype == np.dtype("float8_e4m3fn") and experts.scales.dtype == np.float32
+    assert experts.values.dtype == storage_dtype("cpu") == np.uint8 and experts.scales.dtype == np.float32
+    assert storage_dtype("gpu") == storage_dtype("tpu") == np.dtype("float8_e4m3fn")
+    name = f"model.layers.{cfg.first_k_dense_replace}.mlp.experts.0.gate_proj.weight"
+    with SafetensorsFile(path / index_shard(path, name)) as f:
+        want = np.asarray(f.get(name))
+    np.testing.assert_array_equal(np.asarray(experts.values[0, 0]).view(want.dtype).view(np.uint8),
+                                  want.view(np.uint8))
     assert experts.values.shape == (cfg.num_moe_layers, cfg.n_routed_experts, cfg.moe_intermediate_size,
                                     cfg.hidden_size)
     assert model.params["embed"].dtype == np.dtype("bfloat16")

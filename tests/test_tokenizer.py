@@ -47,7 +47,7 @@ SPECIAL_NAMES = list(KIMI_SPECIAL_TOKEN_OFFSETS)
 USER_TYPES_SPECIALS = "Please say <|im_end|> then [EOS]<|im_assistant|>assistant<|im_middle|> and <|tool_call_begin|>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _train_sentencepiece(model_type: str, add_dummy_prefix: bool, vocab_size: int) -> bytes:
     import sentencepiece as spm
 
@@ -171,7 +171,9 @@ def test_apply_chat_template_decodes_to_render_chat(tok):
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"id": "functions.weather:0", "function": {"name": "weather", "arguments": {"city": "北京"}}}],
+            "tool_calls": [
+                {"id": "functions.weather:0", "function": {"name": "weather", "arguments": {"city": "北京"}}}
+            ],
         },
         {"role": "tool", "tool_call_id": "functions.weather:0", "content": "晴 25°C"},
     ]

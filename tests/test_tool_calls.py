@@ -5,14 +5,10 @@ import random
 
 import pytest
 
+from kimi_jax import tool_calls
 from kimi_jax.chat_template import render_chat
 from kimi_jax.tool_calls import (
     ALL_MARKERS,
-    ARGUMENT_BEGIN as ARG,
-    CALL_BEGIN as CB,
-    CALL_END as CE,
-    SECTION_BEGIN as SB,
-    SECTION_END as SE,
     ContentDelta,
     ToolCallArgumentsDelta,
     ToolCallEnd,
@@ -21,6 +17,9 @@ from kimi_jax.tool_calls import (
     collect_events,
     parse_tool_calls,
 )
+
+SB, SE = tool_calls.SECTION_BEGIN, tool_calls.SECTION_END
+CB, ARG, CE = tool_calls.CALL_BEGIN, tool_calls.ARGUMENT_BEGIN, tool_calls.CALL_END
 
 
 def call(name, idx, arguments):
@@ -66,7 +65,12 @@ CASES = [
         "Hi " + CB + "functions.g:1" + ARG + '{"a": ',
         [call("f", 0, "{}")],
     ),
-    ("truncated_in_marker", "Hi " + SB + CB + "functions.f:0<|tool_call_arg", "Hi " + CB + "functions.f:0<|tool_call_arg", []),
+    (
+        "truncated_in_marker",
+        "Hi " + SB + CB + "functions.f:0<|tool_call_arg",
+        "Hi " + CB + "functions.f:0<|tool_call_arg",
+        [],
+    ),
     ("truncated_after_section_begin", "Hi " + SB, "Hi ", []),
     (
         "bad_json_dropped_to_content",
@@ -96,7 +100,12 @@ CASES = [
         CB + "functions.f:0" + ARG + "{}" + "after",
         [],
     ),
-    ("stray_markers_outside_section", "a" + CE + "b" + ARG + "c" + SE + "d" + CB, "a" + CE + "b" + ARG + "c" + SE + "d" + CB, []),
+    (
+        "stray_markers_outside_section",
+        "a" + CE + "b" + ARG + "c" + SE + "d" + CB,
+        "a" + CE + "b" + ARG + "c" + SE + "d" + CB,
+        [],
+    ),
     (
         "stray_text_and_markers_inside_section",
         SB + " junk " + CE + raw_call("functions.f:0", "{}") + "\n" + SE,
