@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kimi_jax.config import Config
 from kimi_jax.layers import swiglu
+from kimi_jax.layout import UNSHARDED, Layout
 from kimi_jax.quant import QArray, dequantize
 from kimi_jax.weights import declare, moe_specs
 
@@ -72,6 +73,15 @@ def tile_rows(assignments: int, num_experts: int) -> int:
     return 1 if m < 1.5 else 2 ** round(math.log2(m))
 
 
+# Dequantized weight bytes one chunk of tiles may hold (float32 on CPU, gate + up + down).
+CHUNK_BYTES = 64 << 20
+
+
+def tile_chunk(n_tiles: int, weight_elems: int) -> int:
+    """Tiles per chunk: as many as fit CHUNK_BYTES of dequantized float32 weights, at least 1."""
+    return max(1, min(n_tiles, CHUNK_BYTES // (3 * 4 * weight_elems)))
+
+
 def _grouped(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down, dtype) -> jax.Array:
     """Sorted rows xs [M, D] with their expert ids -> expert outputs [M, D], via per-tile gathers."""
     rows, num_experts = xs.shape[0], sizes.shape[0]
@@ -82,17 +92,32 @@ def _grouped(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down
     tile_end = jnp.cumsum(tiles_per)
     row_start = jnp.cumsum(sizes) - sizes
     slot = (tile_end - tiles_per)[experts] * m + jnp.arange(rows) - row_start[experts]  # padded row of each row
-    xp = jnp.zeros((n_tiles * m, xs.shape[1]), dtype).at[slot].set(xs.astype(dtype))
+    # Rows of experts held elsewhere (id == num_experts, sorted last) get no slot: dropped, read back as 0.
+    slot = jnp.where(experts < num_experts, slot, n_tiles * m)
+    xp = jnp.zeros((n_tiles * m, xs.shape[1]), dtype).at[slot].set(xs.astype(dtype), mode="drop")
     # Tiles past the last used one get the last expert id; their rows are zeros and never read back.
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(n_tiles), side="right"), num_experts - 1)
 
-    def w(q):  # this tile's expert weight, gathered in storage dtype (fp8) then dequantized
-        return dequantize(q[tile_expert], dtype)
+    # Tiles run in chunks, so only one chunk's dequantized weights exist at a time (at prefill the
+    # tiles outnumber the experts: dequantizing them all at once would cost several times the
+    # layer's fp8 bytes). At decode there are few tiles and one chunk.
+    chunk = tile_chunk(n_tiles, gate.shape[-2] * gate.shape[-1])
+    n_chunks = -(-n_tiles // chunk)
+    pad = n_chunks * chunk - n_tiles
+    xt = jnp.pad(xp.reshape(n_tiles, m, -1), ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk, m, -1)
+    te = jnp.pad(tile_expert, (0, pad), constant_values=num_experts - 1).reshape(n_chunks, chunk)
 
-    xt = xp.reshape(n_tiles, m, -1)  # (tiles, m, D)
-    h = jax.nn.silu(jnp.einsum("tmd,tid->tmi", xt, w(gate))) * jnp.einsum("tmd,tid->tmi", xt, w(up))
-    yt = jnp.einsum("tmi,tdi->tmd", h, w(down))
-    return yt.reshape(n_tiles * m, -1)[slot]
+    def run_chunk(_, inputs):
+        x, ids = inputs  # (chunk, m, D), (chunk,)
+
+        def w(q):  # the chunk's expert weights, gathered in storage dtype (fp8 bytes) then dequantized
+            return dequantize(q[ids], dtype)
+
+        h = jax.nn.silu(jnp.einsum("tmd,tid->tmi", x, w(gate))) * jnp.einsum("tmd,tid->tmi", x, w(up))
+        return None, jnp.einsum("tmi,tdi->tmd", h, w(down))
+
+    _, yt = jax.lax.scan(run_chunk, None, (xt, te))
+    return yt.reshape(n_chunks * chunk * m, -1).at[slot].get(mode="fill", fill_value=0)
 
 
 def _ragged(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down, dtype) -> jax.Array:
@@ -105,17 +130,26 @@ def _ragged(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down,
 
 
 def routed_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, gate, up, down,
-                   backend: str = "grouped") -> jax.Array:
-    """Σ_k weights[n,k] · expert_{idx[n,k]}(x[n]) for x [N, D]; experts' weights [E, out, in]."""
+                   backend: str = "grouped", first_expert: int | jax.Array = 0, out_dtype=None) -> jax.Array:
+    """Σ_k weights[n,k] · expert_{idx[n,k]}(x[n]) for x [N, D]; experts' weights [E, out, in].
+
+    Expert parallelism: `gate/up/down` may hold only experts [first_expert, first_expert + E) of a
+    larger set; assignments to the others add nothing here (the devices holding them add theirs).
+    Buffers still fit the case where every assignment is local, so nothing is ever dropped.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown expert backend {backend!r}; choose one of {BACKENDS}")
     n, k = idx.shape
-    order, experts, sizes = _sort_assignments(idx, gate.shape[0])
+    num = gate.shape[0]
+    local = idx - first_expert
+    mine = (local >= 0) & (local < num)  # (N, k)
+    order, experts, sizes = _sort_assignments(jnp.where(mine, local, num), num)  # others: id num, sorted last
     xs = x[order // k]  # (N·k, D), rows grouped by expert
     kernel = _grouped if backend == "grouped" else _ragged
     ys = kernel(xs, experts, sizes, gate, up, down, x.dtype)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # back to (token, choice) order
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+    y = jnp.where(mine[..., None], y.astype(jnp.float32), 0.0)
+    return jnp.einsum("nkd,nk->nd", y, weights).astype(out_dtype or x.dtype)
 
 
 def reference_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, gate, up, down) -> jax.Array:
@@ -133,13 +167,14 @@ class MoE(nn.Module):
 
     cfg: Config
     backend: str | None = None  # None: `expert_backend()` for the default platform
+    layout: Layout = UNSHARDED  # where the experts run (sharding.MeshLayout: expert-parallel)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = declare(self, moe_specs(self.cfg), self.cfg)
         flat = x.reshape(-1, x.shape[-1])  # (B·T, D)
         weights, idx = route(flat, p["router"], p["router_bias"], self.cfg)
-        routed = routed_experts(flat, weights, idx, p["experts_gate"], p["experts_up"], p["experts_down"],
-                                self.backend or expert_backend())
+        routed = self.layout.experts(routed_experts)(flat, weights, idx, p["experts_gate"], p["experts_up"],
+                                                     p["experts_down"], self.backend or expert_backend())
         shared = swiglu(flat, p["shared_gate"], p["shared_up"], p["shared_down"])
         return (routed + shared).reshape(x.shape)
