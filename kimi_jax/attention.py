@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from kimi_jax.config import Config
 from kimi_jax.layers import apply_rope, rms_norm, rope_angles
+from kimi_jax.layout import UNSHARDED, Layout
 from kimi_jax.quant import dequantize, linear
 from kimi_jax.weights import attention_specs, declare
 
@@ -59,6 +60,7 @@ class MLA(nn.Module):
 
     cfg: Config
     absorb: bool = False
+    layout: Layout = UNSHARDED  # placement hooks (logical names only; see layout.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None):
@@ -72,6 +74,7 @@ class MLA(nn.Module):
 
         c_q = rms_norm(linear(x, p["q_a_proj"]), p["q_a_norm"], eps)
         q = linear(c_q, p["q_b_proj"]).reshape(b, t, h, nope + rope)  # (B, T, H, nope+rope)
+        q = self.layout.constrain(q, ("batch", "seq", "heads", None))  # heads stay where q_b_proj's rows are
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
         kv = linear(x, p["kv_a_proj"])  # (B, T, kv_lora + rope)
@@ -87,9 +90,11 @@ class MLA(nn.Module):
         mask = attention_mask(positions, k_pos)
 
         w_kv = dequantize(p["kv_b_proj"], x.dtype).reshape(h, nope + vd, cfg.kv_lora_rank)
+        w_kv = self.layout.constrain(w_kv, ("heads", None, None))
         w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # (H, nope, kv), (H, v, kv)
         attend = _absorbed if self.absorb else _expanded
         o = attend(q_nope, q_rope, keys, mask, w_uk, w_uv, cfg.softmax_scale)  # (B, T, H, v)
+        o = self.layout.constrain(o, ("batch", "seq", "heads", None))  # o_proj then sums over heads
         out = linear(o.reshape(b, t, h * vd), p["o_proj"])
         return out, cache
 

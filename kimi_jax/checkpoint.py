@@ -14,7 +14,8 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +76,12 @@ class HFReader:
                 f"quantization_config) and that model.safetensors.index.json lists every shard.")
         extra = names - expected
         # The release may carry rotary inv_freq buffers and DeepSeek-V3's multi-token-prediction layer.
-        mtp = re.compile(rf"model\.layers\.(\d+)\.")
+        mtp = re.compile(r"model\.layers\.(\d+)\.")
         unknown = sorted(n for n in extra if not n.endswith("rotary_emb.inv_freq")
                          and not ((m := mtp.match(n)) and int(m.group(1)) >= self.cfg.num_hidden_layers))
         if unknown:
-            warnings.warn(f"{self.directory}: ignoring {len(unknown)} unexpected tensor(s), e.g. {unknown[:3]}")
+            warnings.warn(f"{self.directory}: ignoring {len(unknown)} unexpected tensor(s), e.g. {unknown[:3]}",
+                          stacklevel=3)
 
     def _tensor(self, name: str, want_shape: tuple[int, ...], dtypes: tuple[np.dtype, ...]) -> np.ndarray:
         info = self.files.info(name)

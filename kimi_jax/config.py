@@ -72,7 +72,8 @@ class Config:
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise ConfigError(f"config field '{field}' must be a positive integer, got {getattr(self, field)!r}")
         if self.qk_rope_head_dim % 2:
-            raise ConfigError(f"config field 'qk_rope_head_dim' must be even (rotary pairs), got {self.qk_rope_head_dim}")
+            raise ConfigError(f"config field 'qk_rope_head_dim' must be even (rotary pairs), "
+                              f"got {self.qk_rope_head_dim}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ConfigError(f"config field 'first_k_dense_replace'={self.first_k_dense_replace} must lie in "
                               f"[0, num_hidden_layers={self.num_hidden_layers}]")
@@ -137,12 +138,12 @@ class Config:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], name: str = "custom") -> "Config":
+    def from_hf_dict(cls, d: dict[str, Any], name: str = "custom") -> Config:
         """Build from a parsed Hugging Face config.json (DeepseekV3 / kimi_k2)."""
         return cls(**_parse_hf(d), name=name)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "Config":
+    def from_json(cls, path: str | Path) -> Config:
         """Read a config.json file (or the config.json inside a checkpoint directory)."""
         path = Path(path)
         if path.is_dir():
@@ -172,7 +173,8 @@ def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type not in ("kimi_k2", "deepseek_v3", None):
-        raise ConfigError(f"config field 'model_type'={model_type!r} is not supported: expected 'kimi_k2' or 'deepseek_v3'")
+        raise ConfigError(f"config field 'model_type'={model_type!r} is not supported: "
+                          "expected 'kimi_k2' or 'deepseek_v3'")
     for field, want in _REQUIRED.items():
         if field in d and d[field] != want:
             raise ConfigError(f"config field '{field}'={d[field]!r} is not supported (the engine implements {want!r})")
@@ -184,7 +186,8 @@ def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config field 'num_key_value_heads'={d['num_key_value_heads']} must equal "
                           f"num_attention_heads={heads} under MLA")
     if d.get("n_shared_experts") in (None, 0):
-        raise ConfigError("config field 'n_shared_experts' must be ≥ 1 (Kimi-K2 and DeepSeek-V3 have one shared expert)")
+        raise ConfigError("config field 'n_shared_experts' must be ≥ 1 "
+                          "(Kimi-K2 and DeepSeek-V3 have one shared expert)")
 
     required = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",

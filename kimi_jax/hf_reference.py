@@ -48,7 +48,7 @@ def hf_state_dict(params: dict[str, Any], cfg: Config, dtype=None) -> dict[str, 
             arr = dequantize_np(arr, tensors[name + SCALE_SUFFIX], cfg.weight_block_size)
         out[name] = torch.from_numpy(np.asarray(arr, np.float32)).to(dtype)
     for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-        def expert(e: int, proj: str) -> np.ndarray:
+        def expert(e: int, proj: str, layer: int = layer) -> np.ndarray:
             name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
             w = tensors[name]
             if name + SCALE_SUFFIX in tensors:

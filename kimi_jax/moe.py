@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kimi_jax.config import Config
 from kimi_jax.layers import swiglu
 from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.quant import QArray, dequantize
+from kimi_jax.quant import dequantize
 from kimi_jax.weights import declare, moe_specs
 
 BACKENDS = ("grouped", "ragged")
@@ -111,7 +111,7 @@ def _grouped(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down
         x, ids = inputs  # (chunk, m, D), (chunk,)
 
         def w(q):  # the chunk's expert weights, gathered in storage dtype (fp8 bytes) then dequantized
-            return dequantize(q[ids], dtype)
+            return dequantize(jax.tree.map(lambda a: jnp.asarray(a)[ids], q), dtype)
 
         h = jax.nn.silu(jnp.einsum("tmd,tid->tmi", x, w(gate))) * jnp.einsum("tmd,tid->tmi", x, w(up))
         return None, jnp.einsum("tmi,tdi->tmd", h, w(down))
@@ -157,8 +157,7 @@ def reference_experts(x: jax.Array, weights: jax.Array, idx: jax.Array, gate, up
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(gate.shape[0]):
         w_e = jnp.where(idx == e, weights, 0.0).sum(-1)  # (N,) combine weight of expert e
-        sub = (lambda q: q[e]) if not isinstance(gate, QArray) else (lambda q: QArray(q.values[e], q.scales[e]))
-        out += w_e[:, None] * swiglu(x, sub(gate), sub(up), sub(down)).astype(jnp.float32)
+        out += w_e[:, None] * swiglu(x, gate[e], up[e], down[e]).astype(jnp.float32)  # QArray slices like an array
     return out.astype(x.dtype)
 
 

@@ -64,7 +64,7 @@ class QArray:
     def block(self) -> tuple[int, int]:
         return block_size(self.values.shape[-2:], self.scales.shape[-2:])
 
-    def __getitem__(self, index) -> "QArray":
+    def __getitem__(self, index) -> QArray:
         return QArray(self.values[index], self.scales[index])
 
 

@@ -52,7 +52,7 @@ def test_tensor_listed_in_index_but_absent_from_shard(checkpoint):
 def test_wrong_shape(checkpoint):
     path, _, shard = checkpoint
     rewrite_shard(path, shard, lambda t: t.__setitem__(TARGET, t[TARGET][:-1]))
-    with pytest.raises(CheckpointError, match=r"up_proj\.weight' has shape \[71, 200\] but the config implies \[72, 200\]"):
+    with pytest.raises(CheckpointError, match=r"weight' has shape \[71, 200\] but the config implies \[72, 200\]"):
         kimi_jax.load(path)
 
 

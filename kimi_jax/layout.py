@@ -1,0 +1,33 @@
+"""Where arrays live, as seen from the model: two hooks that layers call with *logical* names only.
+
+The model never names a mesh axis. It calls
+  * `layout.constrain(x, ("batch", "seq", "heads", None))` where an activation's placement matters;
+  * `layout.experts(kernel)(x, weights, idx, gate, up, down, backend)` to run the routed experts.
+This base class is one device: both hooks change nothing. `sharding.MeshLayout` maps the names to
+a device mesh through one rules table (and runs the experts expert-parallel), so the same module
+code runs unsharded and sharded, with no switch inside a layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+
+
+class Layout:
+    """Single-device layout: every hook is the identity."""
+
+    def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        """Place activation `x` by the logical names of its dimensions (None: not split)."""
+        return x
+
+    def experts(self, kernel: Callable) -> Callable:
+        """Wrap the routed-expert kernel `kernel(x, weights, idx, gate, up, down, backend, ...)` (moe.routed_experts)."""
+        return kernel
+
+    def __repr__(self) -> str:
+        return "Layout(single device)"
+
+
+UNSHARDED = Layout()
