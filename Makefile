@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench train-tiny clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) scripts/bench.py $(ARGS)
+
+# Retrain the embedded tiny chat model (MuonClip, ~20 min on 2 CPU cores) into kimi_jax/assets/tiny_chat.
+train-tiny: $(STAMP)
+	$(PY) scripts/train_tiny.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

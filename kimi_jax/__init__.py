@@ -3,6 +3,7 @@
 from kimi_jax.config import DEEPSEEK_V3, KIMI_K2, PRESETS, Config, ConfigError
 from kimi_jax.engine import Model, load
 from kimi_jax.quant import QArray, dequantize, quantize_block_fp8
+from kimi_jax.tokenizer import load_tokenizer
 
 __all__ = ["Config", "ConfigError", "KIMI_K2", "DEEPSEEK_V3", "PRESETS", "Model", "load", "QArray",
-           "dequantize", "quantize_block_fp8"]
+           "dequantize", "quantize_block_fp8", "load_tokenizer"]

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_jax import generation
 from kimi_jax.checkpoint import load_hf_params
 from kimi_jax.config import Config
+from kimi_jax.layout import UNSHARDED
 from kimi_jax.model import Transformer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
@@ -30,20 +32,28 @@ class Model:
     """A loaded model: config, parameters (fp8 weights stay fp8 on device), compiled forward passes."""
 
     def __init__(self, config: Config, params: dict[str, Any], dtype: str | Any = "bfloat16",
-                 mesh: Any = None, backend: str | None = None):
+                 mesh: Any = None, backend: str | None = None, tokenizer: Any = None, rules: Any = None):
         self.config = config
-        self.params = params
+        self.tokenizer = tokenizer  # a kimi_jax.tokenizer.Tokenizer, or None
         self.dtype = compute_dtype(dtype)
-        self.mesh = mesh
+        # On a mesh: `layout` maps the model's logical axes to devices (sharding.MeshLayout);
+        # `mesh` is the jax.sharding.Mesh. Params already placed by `load` stay where they are.
+        self.layout = UNSHARDED if mesh is None else mesh_layout(mesh, config, rules)
+        self.mesh = getattr(self.layout, "mesh", None)
+        self.params = params if self.mesh is None else jax.device_put(params, self.layout.param_shardings(config))
         self.backend = backend
-        self._module = Transformer(config, absorb=False, backend=backend, dtype=self.dtype)
+        self._module = Transformer(config, absorb=False, backend=backend, dtype=self.dtype, layout=self.layout)
 
     @functools.cached_property
     def _forward(self):
         def forward(params, tokens, positions):
             return self._module.apply({"params": params}, tokens, positions)[0]
 
-        return jax.jit(forward)
+        if self.mesh is None:
+            return jax.jit(forward)
+        tokens = self.layout.sharding(("batch", "seq"))
+        return jax.jit(forward, in_shardings=(self.layout.param_shardings(self.config), tokens, tokens),
+                       out_shardings=self.layout.sharding(("batch", "seq", "vocab")))
 
     def logits(self, token_ids) -> np.ndarray:
         """int [B, T] (or [T]) -> float32 numpy [B, T, vocab]: a causal forward pass with no cache."""
@@ -60,24 +70,98 @@ class Model:
         if bad.any():
             raise ValueError(f"token id {int(tokens[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-        out = np.asarray(jax.block_until_ready(self._forward(self.params, tokens, positions)))
+        shards = getattr(self.layout, "batch_shards", 1)
+        if b % shards:  # on a mesh the batch splits evenly: pad with empty rows (position −1), drop them after
+            pad = shards - b % shards
+            tokens = np.pad(tokens, ((0, pad), (0, 0)))
+            positions = np.pad(positions, ((0, pad), (0, 0)), constant_values=-1)
+        out = np.asarray(jax.block_until_ready(self._forward(self.params, tokens, positions)))[:b]
         return out[0] if squeeze else out
+
+    # Generation: thin wrappers over kimi_jax.generation ------------------------------------------
+    @functools.cached_property
+    def generator(self) -> generation.Generator:
+        """The compiled prefill/decode engine (built on first use)."""
+        return generation.Generator(self.config, self.params, self.dtype, self.backend, self.layout)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Default stops: the tokenizer's <|im_end|> and [EOS], else config.json's eos_token_id."""
+        if self.tokenizer is not None:
+            return tuple(self.tokenizer.stop_ids)
+        return () if self.config.eos_token_id is None else (self.config.eos_token_id,)
+
+    def generate(self, prompts, max_new_tokens=64, temperature=generation.DEFAULT_TEMPERATURE, top_p=1.0,
+                 top_k=0, seed=0, stop_token_ids=None) -> list[list[int]]:
+        """Continue each prompt (a list of token-id lists) -> each one's new token ids.
+
+        Every sampling argument is one value for all prompts or a list with one per prompt;
+        temperature 0 is greedy. Generation stops after max_new_tokens or on a stop id (kept as the
+        last token): `stop_token_ids` (ids, or one list per prompt) replaces the default
+        `self.stop_ids`. A request's tokens depend on its seed, not on the batch it is in.
+        """
+        requests = generation.make_requests(self.config, prompts, max_new_tokens, temperature, top_p, top_k,
+                                            seed, stop_token_ids, self.stop_ids)
+        return [c.token_ids for c in self.generator.generate(requests)]
+
+    def stream(self, prompt, max_new_tokens=64, temperature=generation.DEFAULT_TEMPERATURE, top_p=1.0,
+               top_k=0, seed=0, stop_token_ids=None):
+        """Yield `Piece(token_id, text)` for one prompt (token ids, or text if there is a tokenizer)
+        as tokens are generated; text is "" without a tokenizer."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this model has none: pass token ids")
+            prompt = self.tokenizer.encode(prompt)
+        request, = generation.make_requests(self.config, [prompt], max_new_tokens, temperature, top_p, top_k,
+                                            seed, stop_token_ids, self.stop_ids)
+        return generation.stream_pieces(self.generator, request, self.tokenizer)
+
+    def chat(self, messages, tools=None, **sampling) -> dict[str, Any]:
+        """One assistant reply to OpenAI-style `messages` (and `tools`):
+        {"content": str | None, "tool_calls": [...], "finish_reason": "stop" | "length"}."""
+        return generation.chat(self.generator, self.tokenizer, messages, tools, **sampling)
 
 
 def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = None,
-         backend: str | None = None) -> Model:
-    """Load a Hugging Face checkpoint directory (config.json + safetensors shards).
+         backend: str | None = None, rules: Any = None) -> Model:
+    """Load a Hugging Face checkpoint directory (config.json + safetensors shards, and a tokenizer
+    file if present: `Model.tokenizer`).
 
     dtype: compute dtype ("bfloat16", or "float32" for exact parity). Block-fp8 weights stay
     float8_e4m3fn with their scales and are dequantized inside the compiled forward, one layer at a
-    time. `mesh` (a spec string, dict or `jax.sharding.Mesh`) shards the model over devices.
+    time. `mesh` (a spec string such as "data=1,expert=4,tensor=2", a dict or a `jax.sharding.Mesh`)
+    shards the model over devices, each parameter read straight into its sharding; `rules` picks
+    the rules table (a `sharding.Rules` or its name, default "default"; see sharding/DESIGN.md).
     backend: routed-expert kernel ("grouped" or "ragged"; default: chosen for the platform).
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = Config.from_json(path)
-    if mesh is not None:
-        raise NotImplementedError("mesh= arrives with the sharding package")
-    params = load_hf_params(path, config)
-    return Model(config, params, dtype=dtype, mesh=mesh, backend=backend)
+    if mesh is None:
+        params, layout = load_hf_params(path, config), None
+    else:  # each device reads its own slice of each weight, straight into its sharding
+        layout = mesh_layout(mesh, config, rules)
+        params = load_hf_params(path, config, layout.placer(config))
+    return Model(config, params, dtype=dtype, mesh=layout and layout.mesh, backend=backend,
+                 tokenizer=_find_tokenizer(path), rules=rules)
+
+
+def mesh_layout(mesh: Any, config: Config, rules: Any = None):
+    """A `sharding.MeshLayout` for a mesh spec ("data=1,expert=4,tensor=2", a dict or a Mesh) and rules
+    table, checked against the config: a dimension that does not split is a MeshError naming it."""
+    from sharding import MeshLayout  # the physical mapping lives apart from the model
+
+    layout = MeshLayout.build(mesh, rules)
+    layout.param_shardings(config)  # raises on the first weight that cannot split
+    return layout
+
+
+def _find_tokenizer(path: Path):
+    """The checkpoint's tokenizer (tiktoken.model or tokenizer.model next to config.json), or None."""
+    from kimi_jax.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        return None

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import numpy as np
 
 from kimi_jax.attention import LatentCache
 from kimi_jax.config import Config
+from kimi_jax.layout import UNSHARDED, Layout
 from kimi_jax.model import Transformer, init_cache
 from kimi_jax.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
 
@@ -81,9 +82,10 @@ def length_bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-def batch_bucket(n: int) -> int:
-    """Next power of two ≥ n."""
-    return 1 << max(n - 1, 0).bit_length()
+def batch_bucket(n: int, multiple: int = 1) -> int:
+    """Next power of two ≥ n, rounded up to a multiple of `multiple` (the mesh's batch shards)."""
+    b = 1 << max(n - 1, 0).bit_length()
+    return -(-b // multiple) * multiple
 
 
 # Requests ---------------------------------------------------------------------------------------
@@ -105,12 +107,12 @@ class Completion:
     finish_reason: str | None = None
 
 
-def _per_request(name: str, value: Any, n: int, is_list=lambda v: isinstance(v, (list, tuple))) -> list:
-    if is_list(value):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} prompts; give one value or one per prompt")
-        return list(value)
-    return [value] * n
+def _per_request(name: str, value: Any, n: int) -> list:
+    """One value per prompt from a scalar or a list (numpy scalars become Python numbers)."""
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts; give one value or one per prompt")
+    return [v.item() if isinstance(v, np.generic) else v for v in values]
 
 
 def make_requests(cfg: Config, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
@@ -123,15 +125,16 @@ def make_requests(cfg: Config, prompts: Sequence[Sequence[int]], max_new_tokens:
     stop_token_ids: None -> `default_stop_ids`; a list of ids -> those for every prompt; a list of
     lists -> per prompt. Raises ValueError naming the prompt and the limit.
     """
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not hasattr(prompts, "__len__"):
-        raise ValueError("prompts must be a list of token-id lists")
-    prompts = [list(np.asarray(p).reshape(-1).tolist()) if not isinstance(p, (list, tuple)) else list(p)
-               for p in prompts]
-    n = len(prompts)
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError("prompts must be a list of token-id lists (tokenize text first, or use Model.stream/chat)")
+    checked = []
+    for p in prompts:
+        if isinstance(p, (int, np.integer, str, bytes)):
+            raise ValueError("prompts must be a list of token-id lists; wrap a single prompt as [ids]")
+        checked.append([t.item() if isinstance(t, np.generic) else t for t in p])
+    prompts, n = checked, len(checked)
     if n == 0:
         raise ValueError("no prompts given")
-    if any(isinstance(p, (int, np.integer)) for p in prompts):
-        raise ValueError("prompts must be a list of token-id lists; wrap a single prompt as [ids]")
     news = _per_request("max_new_tokens", max_new_tokens, n)
     temps = _per_request("temperature", temperature, n)
     top_ps = _per_request("top_p", top_p, n)
@@ -160,7 +163,7 @@ def make_requests(cfg: Config, prompts: Sequence[Sequence[int]], max_new_tokens:
         bad_stop = [s for s in stop if not (isinstance(s, (int, np.integer)) and 0 <= s < cfg.vocab_size)]
         if bad_stop:
             raise ValueError(f"stop token id {bad_stop[0]!r} is outside the vocabulary [0, {cfg.vocab_size})")
-        params = SamplingParams(float(temps[i]), float(top_ps[i]), int(top_ks[i]), int(seeds[i]))
+        params = SamplingParams(temps[i], top_ps[i], top_ks[i], seeds[i])
         out.append(Request(tuple(int(t) for t in p), int(new), params, tuple(int(s) for s in stop)))
     return out
 
@@ -196,9 +199,9 @@ def _rows(requests: list[Request], batch: int) -> Rows:
     def col(f, dtype, fill):
         return np.array([f(r) for r in requests] + [fill] * (batch - len(requests)), dtype)
 
-    return Rows(col(lambda r: r.sampling.temperature, np.float32, 0.0), col(lambda r: r.sampling.top_p, np.float32, 1.0),
-                col(lambda r: r.sampling.top_k, np.int32, 0), col(lambda r: r.sampling.seed, np.uint32, 0),
-                col(lambda r: r.max_new_tokens, np.int32, 1), stop)
+    return Rows(col(lambda r: r.sampling.temperature, np.float32, 0.0),
+                col(lambda r: r.sampling.top_p, np.float32, 1.0), col(lambda r: r.sampling.top_k, np.int32, 0),
+                col(lambda r: r.sampling.seed, np.uint32, 0), col(lambda r: r.max_new_tokens, np.int32, 1), stop)
 
 
 def _advance(state: DecodeState, nxt: jax.Array, rows: Rows) -> tuple[DecodeState, jax.Array]:
@@ -211,34 +214,27 @@ def _advance(state: DecodeState, nxt: jax.Array, rows: Rows) -> tuple[DecodeStat
     return new, jnp.where(live, nxt, -1)
 
 
-def cache_sharding(mesh: jax.sharding.Mesh | None, batch: int) -> jax.sharding.NamedSharding | None:
-    """Placement of the latent cache [layers, B, S, width] on `mesh`.
-
-    Batch goes over `data` (when the axis divides it); everything else is replicated. MLA's cache is
-    one latent shared by all heads, so there is no head axis for `tensor`, and each tensor-parallel
-    device needs the whole latent for its heads; splitting the sequence over `tensor` would need a
-    cross-device softmax (flash-decoding) and pays only at contexts far longer than tested here.
-    The `expert` axis holds experts, not sequences, so the cache is replicated over it.
-    """
-    if mesh is None:
-        return None
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    data = "data" if "data" in mesh.axis_names and batch % mesh.shape["data"] == 0 else None
-    return NamedSharding(mesh, PartitionSpec(None, data, None, None))
-
-
 # The engine -------------------------------------------------------------------------------------
 class Generator:
-    """Compiled prefill and decode for one model; `stream` runs a batch of requests."""
+    """Compiled prefill and decode for one model; `stream` runs a batch of requests.
+
+    On a mesh (`layout` a sharding.MeshLayout) the cache follows the rules table's `batch` and
+    `cache_seq` axes (sharding.rules.CACHE_AXES): by default the batch is split over `data` and the
+    rest replicated. MLA's latent is shared by all heads, so there is no head axis to split over
+    `tensor`: each tensor-parallel device needs the whole latent for its heads. Splitting the
+    sequence instead would need a cross-device softmax (flash-decoding style) and pays only at
+    contexts far beyond those tested here. Batches are padded to a multiple of the batch shards.
+    """
 
     def __init__(self, cfg: Config, params: Any, dtype=jnp.bfloat16, backend: str | None = None,
-                 mesh: jax.sharding.Mesh | None = None, steps_per_call: int = STEPS_PER_CALL):
+                 layout: Layout = UNSHARDED, steps_per_call: int = STEPS_PER_CALL):
         enable_compile_cache()
-        self.cfg, self.params, self.dtype, self.mesh = cfg, params, jnp.dtype(dtype), mesh
+        self.cfg, self.params, self.dtype, self.layout = cfg, params, jnp.dtype(dtype), layout
+        self.mesh = getattr(layout, "mesh", None)
+        self.batch_shards = getattr(layout, "batch_shards", 1)
         self.steps_per_call = steps_per_call
-        self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype)
-        self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype)
+        self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype, layout=layout)
+        self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
         self.traces: collections.Counter = collections.Counter()  # compilations per function (tests)
         self._prefill = jax.jit(self._prefill_impl)
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
@@ -246,18 +242,26 @@ class Generator:
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
 
     # Compiled pieces (run under jit; Python here runs once per shape bucket) -------------------
+    def _place_cache(self, cache: dict[str, LatentCache]) -> dict[str, LatentCache]:
+        """Pin the cache to its mesh sharding (a no-op on one device)."""
+        if self.mesh is None:
+            return cache
+        _, batch, length, _ = next(iter(cache.values())).latent.shape
+        return jax.lax.with_sharding_constraint(cache, self.layout.cache_shardings(self.cfg, batch, length))
+
     def _prefill_impl(self, params, tokens, lengths, rows: Rows):
         """tokens [B, T] right-padded, lengths [B] -> (last logits [B, V], T-slot cache, state, first tokens)."""
         self.traces["prefill"] += 1
         b, t = tokens.shape
         positions = jnp.where(jnp.arange(t) < lengths[:, None], jnp.arange(t), -1)  # (B, T)
-        cache = init_cache(self.cfg, b, t, self.dtype)
+        cache = self._place_cache(init_cache(self.cfg, b, t, self.dtype))
         hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
         last = hidden[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, D): only these need logits
         logits = jnp.einsum("bd,vd->bv", last, params["lm_head"].astype(self.dtype),
                             preferred_element_type=jnp.float32)
         first = sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, jnp.zeros(b, jnp.int32))
-        start = DecodeState(first, lengths, jnp.zeros(b, jnp.int32), lengths == 0)
+        # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
+        start = DecodeState(first, lengths - 1, jnp.zeros(b, jnp.int32), lengths == 0)
         state, emitted = _advance(start, first, rows)
         return logits, cache, state, emitted
 
@@ -267,8 +271,7 @@ class Generator:
         batch = next(iter(small.values())).latent.shape[1]
         big = init_cache(self.cfg, batch, length, self.dtype)
         out = jax.tree.map(lambda z, s: jax.lax.dynamic_update_slice_in_dim(z, s, 0, axis=2), big, small)
-        sharding = cache_sharding(self.mesh, batch)
-        return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+        return self._place_cache(out)
 
     def _step_logits_impl(self, params, cache, tokens, positions):
         """One absorbed decode step: tokens, positions [B] (−1: skip) -> (logits [B, V] f32, cache)."""
@@ -283,8 +286,13 @@ class Generator:
 
         def body(carry):
             i, cache, state, out = carry
+            # Tie the weights to the step so that XLA cannot hoist their conversions out of the loop:
+            # hoisted, each call would materialise converted copies of the weights (fp8 dequantized,
+            # and on CPU every bf16 weight upcast to f32, embedding table included). Measured on the
+            # CPU bench config: 61 vs 78 ms per step at 8 steps per call (docs/generation_bench.md).
+            params_ = jax.lax.optimization_barrier((params, i))[0]
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
-            logits, cache = self._absorbed.apply({"params": params}, state.tokens[:, None], positions[:, None],
+            logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],
                                                  cache)
             nxt = sample(logits[:, 0], rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
             state, emitted = _advance(state, nxt, rows)
@@ -296,21 +304,21 @@ class Generator:
 
         out = jnp.full((steps, b), -1, jnp.int32)
         _, cache, state, out = jax.lax.while_loop(more, body, (0, cache, state, out))
-        return cache, state, out
+        return self._place_cache(cache), state, out
 
     # Host side ----------------------------------------------------------------------------------
-    def prefill(self, requests: list[Request], cache_length: int | None = None):
+    def prefill(self, requests: list[Request]):
         """Run prefill for a batch; returns (last logits, decode cache, state, rows, first tokens) on device."""
-        b = batch_bucket(len(requests))
+        b = batch_bucket(len(requests), self.batch_shards)
         t = length_bucket(max(len(r.prompt) for r in requests))
         need = max(len(r.prompt) + r.max_new_tokens for r in requests)
-        s = cache_length or min(length_bucket(need, 64), max(self.cfg.max_position_embeddings, need))
+        s = min(length_bucket(need, 64), self.cfg.max_position_embeddings)
         tokens = np.zeros((b, t), np.int32)
         lengths = np.zeros(b, np.int32)
         for i, r in enumerate(requests):
             tokens[i, :len(r.prompt)] = r.prompt
             lengths[i] = len(r.prompt)
-        rows = _rows(requests, b)
+        rows = jax.device_put(_rows(requests, b))  # sent once, reused by every decode call
         logits, small, state, first = self._prefill(self.params, tokens, lengths, rows)
         return logits, self._place(small, max(s, t)), state, rows, first
 
@@ -338,6 +346,46 @@ class Generator:
         return results
 
 
+# Text-level helpers (used by Model.stream / Model.chat) ------------------------------------------
+class Piece(NamedTuple):
+    """One generated token and the text it completes ("" while a character is partial, for a stop
+    token, or without a tokenizer)."""
+
+    token_id: int
+    text: str
+
+
+def stream_pieces(generator: Generator, request: Request, tokenizer=None) -> Iterator[Piece]:
+    """Stream one request as Pieces; text joins to the decoded output without its stop token."""
+    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    count = 0
+    for chunk in generator.stream([request]):
+        for token in chunk[0]:
+            count += 1
+            final_stop = token in request.stop_ids
+            text = decoder.push(token) if decoder is not None and not final_stop else ""
+            if decoder is not None and (final_stop or count == request.max_new_tokens):
+                text += decoder.flush()
+            yield Piece(token, text)
+
+
+def chat(generator: Generator, tokenizer, messages, tools=None, **settings) -> dict[str, Any]:
+    """One assistant turn: the chat template, generation to <|im_end|>/[EOS], and tool-call parsing.
+
+    Returns {"content": str | None, "tool_calls": [OpenAI-style calls], "finish_reason": str}.
+    """
+    from kimi_jax.tool_calls import parse_tool_calls
+
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer; this checkpoint has none (put tiktoken.model next to config.json)")
+    prompt = tokenizer.apply_chat_template(messages, tools, add_generation_prompt=True)
+    request, = make_requests(generator.cfg, [prompt], default_stop_ids=tokenizer.stop_ids, **settings)
+    result, = generator.generate([request])
+    ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+    content, tool_calls = parse_tool_calls(tokenizer.decode(ids))
+    return {"content": content, "tool_calls": tool_calls, "finish_reason": result.finish_reason}
+
+
 def kv_cache_bytes_per_token_per_layer(cfg: Config, dtype=jnp.bfloat16) -> int:
     """Bytes the latent cache holds per token per layer: (kv_lora_rank + qk_rope_head_dim) values."""
     return cfg.kv_cache_width * jnp.dtype(dtype).itemsize
@@ -347,12 +395,3 @@ def expanded_cache_bytes_per_token_per_layer(cfg: Config, dtype=jnp.bfloat16) ->
     """What a per-head K/V cache would hold instead: heads · (qk_head_dim + v_head_dim) values."""
     return cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * jnp.dtype(dtype).itemsize
 
-
-def bucket_summary(n: int) -> str:
-    """Human-readable bucket of a length (for logs)."""
-    return f"{n} -> {length_bucket(n)} (+{length_bucket(n) - n} pad, {100 * (1 - n / length_bucket(n)):.0f}%)"
-
-
-__all__ = ["Generator", "Request", "Completion", "make_requests", "enable_compile_cache", "cache_root",
-           "length_bucket", "batch_bucket", "cache_sharding", "kv_cache_bytes_per_token_per_layer",
-           "math"]

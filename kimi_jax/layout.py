@@ -10,7 +10,7 @@ code runs unsharded and sharded, with no switch inside a layer.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -23,7 +23,7 @@ class Layout:
         return x
 
     def experts(self, kernel: Callable) -> Callable:
-        """Wrap the routed-expert kernel `kernel(x, weights, idx, gate, up, down, backend, ...)` (moe.routed_experts)."""
+        """Wrap the routed-expert kernel `kernel(x, weights, idx, gate, up, down, backend, ...)` (routed_experts)."""
         return kernel
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from kimi_jax.attention import MLA, LatentCache
 from kimi_jax.config import Config
 from kimi_jax.layers import MLP, rms_norm
+from kimi_jax.layout import UNSHARDED, Layout
 from kimi_jax.moe import MoE
 from kimi_jax.weights import LAYER_GROUPS, declare, layer_specs, model_specs
 
@@ -25,6 +26,7 @@ class DecoderLayer(nn.Module):
     absorb: bool = False
     backend: str | None = None
     dtype: jnp.dtype = jnp.bfloat16
+    layout: Layout = UNSHARDED
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: LatentCache | None, positions: jax.Array):
@@ -32,10 +34,10 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         p = declare(self, layer_specs(cfg, self.moe), cfg)  # the two norms; attn/ffn declare their own
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        h, cache = MLA(cfg, self.absorb, name="attn")(h, positions, cache)
+        h, cache = MLA(cfg, self.absorb, self.layout, name="attn")(h, positions, cache)
         x = x + h.astype(jnp.float32)
         y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        y = MoE(cfg, self.backend, name="ffn")(y) if self.moe else MLP(cfg, name="ffn")(y)
+        y = MoE(cfg, self.backend, self.layout, name="ffn")(y) if self.moe else MLP(cfg, name="ffn")(y)
         return x + y.astype(jnp.float32), cache
 
 
@@ -46,6 +48,7 @@ class Transformer(nn.Module):
     absorb: bool = False  # absorbed MLA (decode) instead of expanded (prefill / full forward)
     backend: str | None = None  # routed-expert kernel, see moe.expert_backend
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype
+    layout: Layout = UNSHARDED  # device placement hooks (sharding.MeshLayout on a mesh)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
@@ -56,15 +59,18 @@ class Transformer(nn.Module):
         # The residual stream stays float32 (one rounding per block instead of per addition); the
         # blocks compute in `dtype`. Cheap, and bf16 logits land closer to the float32 reference.
         x = p["embed"][tokens].astype(jnp.float32)  # (B, T, D)
+        x = self.layout.constrain(x, ("batch", "seq", "embed"))
         new_cache = {} if cache is not None else None
         for group, (_, count, moe) in LAYER_GROUPS.items():
             if not count(cfg):
                 continue
-            # Layers scan: compile time does not grow with depth. Params and cache carry a layer axis.
-            stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+            # Layers scan: compile time does not grow with depth. Params and cache carry a layer axis,
+            # and so do values sown into "intermediates" (the trainer's per-layer attention statistics).
+            stack = nn.scan(DecoderLayer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast), out_axes=0, length=count(cfg))
             layer_cache = None if cache is None else cache[group]
-            x, group_cache = stack(cfg, moe, self.absorb, self.backend, self.dtype, name=group)(x, layer_cache, positions)
+            layer = stack(cfg, moe, self.absorb, self.backend, self.dtype, self.layout, name=group)
+            x, group_cache = layer(x, layer_cache, positions)
             if cache is not None:
                 new_cache[group] = group_cache
         x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps).astype(self.dtype)

@@ -1,0 +1,97 @@
+"""`python -m kimi_jax.generate`: JSON and streaming output, the embedded default, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kimi_jax import generate as cli
+from kimi_jax.config import TINY_KIMI
+from kimi_jax.default_model import BPE_RANKS
+from kimi_jax.generation import cache_root
+from kimi_jax.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The default model goes to a fresh directory; compiled programs to the usual cache (fast reruns)."""
+    env = dict(os.environ)
+    env.setdefault("KIMI_JAX_COMPILE_CACHE", str(cache_root() / "xla"))
+    env["KIMI_JAX_CACHE"] = str(tmp_path_factory.mktemp("kimi_jax_home"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run(env, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "kimi_jax.generate", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_default_model_json_and_stream(env):
+    """No prompt: the embedded default continues its default prompt greedily, the same way twice."""
+    out = json.loads(run(env, "--json", "--max-new-tokens", "8").stdout)
+    tokens = out["token_ids"]
+    assert 1 <= len(tokens) <= 8 and out["temperature"] == 0.0
+    assert isinstance(out["text"], str) and out["prompt_ids"]
+    assert out["finish_reason"] == ("length" if len(tokens) == 8 else "stop")
+
+    streamed = run(env, "--max-new-tokens", "8")
+    assert streamed.stdout == out["text"] + "\n"  # greedy: the same text, streamed
+    summary = streamed.stderr.strip().splitlines()[-1]
+    assert f"{len(tokens)} tokens" in summary and "time to first token" in summary and "tokens/s" in summary
+    assert "random weights" in streamed.stderr
+
+
+def test_chat_json(env):
+    """--chat goes through the chat template and reports the parsed reply (noise, from random weights)."""
+    out = json.loads(run(env, "--chat", "What is the capital of France?", "--max-new-tokens", "4", "--json").stdout)
+    assert out["temperature"] == 0.6 and len(out["token_ids"]) <= 4
+    assert out["tool_calls"] == [] and (out["content"] or "") == out["text"]
+    im_middle = BPE_RANKS + KIMI_SPECIAL_TOKEN_OFFSETS["<|im_middle|>"]
+    assert out["prompt_ids"][-1] == im_middle  # the assistant turn is open
+
+
+def test_checkpoint_json_matches_transformers(env, hub_checkpoint):
+    import torch
+
+    from kimi_jax.hf_reference import hf_model
+
+    path, params = hub_checkpoint(TINY_KIMI)
+    out = json.loads(run(env, "--checkpoint", str(path), "--prompt-ids", "5 6 7 8", "--max-new-tokens", "6",
+                         "--temperature", "0", "--dtype", "float32", "--json").stdout)
+    want = hf_model(params, TINY_KIMI).generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False,
+                                                eos_token_id=None, pad_token_id=0,
+                                                attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert out["token_ids"] == want[0, 4:].tolist()
+    assert out["text"] == ""  # this checkpoint has no tokenizer
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/no/such/checkpoint"], "checkpoint directory /no/such/checkpoint does not exist"),
+    (["--prompt-ids", "1 2 3", "--max-new-tokens", "5000"], "over the model's context of 4096"),
+    (["--prompt-ids", "1 two"], "--prompt-ids must be integers"),
+])
+def test_errors_are_one_clear_line(env, args, message):
+    proc = run(env, *args, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--prompt", "--chat", "--prompt-ids", "--max-new-tokens", "--temperature",
+                 "--top-p", "--top-k", "--seed", "--mesh", "--dtype", "--json"):
+        assert flag in text

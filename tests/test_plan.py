@@ -1,0 +1,77 @@
+"""The planner: per-device memory from abstract weights, on the real Kimi-K2 config and a tiny one."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import reference_file
+from kimi_jax import KIMI_K2
+from kimi_jax.config import TINY_KIMI
+from kimi_jax.plan import HARDWARE, main, plan
+from kimi_jax.weights import abstract_params, count_params
+
+# Weights the default rules split along `tensor` (besides the routed experts, split along expert × tensor).
+TENSOR_SPLIT = ("q_b_proj", "kv_b_proj", "o_proj", "shared_gate", "shared_up", "shared_down", "embed", "lm_head")
+
+
+def analytic_weight_bytes(cfg, expert: int, tensor: int) -> int:
+    """Per-device weight bytes under the default rules, counted by hand from the parameter tree."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+        if any(str(n).startswith("experts_") for n in names):
+            total += nbytes // (expert * tensor)
+        elif any(n in TENSOR_SPLIT for n in names) or (names[0] == "dense_layers" and names[1] == "ffn"):
+            total += nbytes // tensor
+        else:  # norms, router, the latent projections q_a / kv_a
+            total += nbytes
+    return total
+
+
+@pytest.fixture(scope="module")
+def kimi_plan():
+    """The CLI on the real config.json with 8 virtual devices, in its own process (device count is per process)."""
+    config = reference_file("config.json", "kimi_k2_config.json")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-m", "kimi_jax.plan", "--config", str(config), "--mesh",
+                          "data=1,expert=4,tensor=2", "--batch", "8", "--context", "1024", "--hardware", "v5e",
+                          "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_real_config_weights_match_the_analytic_count(kimi_plan):
+    assert kimi_plan["total_params"] == count_params(abstract_params(KIMI_K2)) > 1.02e12
+    per_device = kimi_plan["per_device_bytes"]
+    assert per_device["weights"] == analytic_weight_bytes(KIMI_K2, expert=4, tensor=2)
+    # Latent cache: layers × batch × context × (512 + 64) bf16, replicated over expert and tensor.
+    assert per_device["kv_cache"] == 61 * 8 * 1024 * 576 * 2
+    # What the compiler sees as the decode step's arguments: those weights, that cache, two [8, 1] int32 inputs.
+    assert kimi_plan["compiled_argument_bytes"] == per_device["weights"] + per_device["kv_cache"] + 2 * 8 * 4
+    assert per_device["temp"] > 0
+    assert per_device["total"] == per_device["weights"] + per_device["kv_cache"] + per_device["temp"]
+    assert kimi_plan["fits"] is False and kimi_plan["hbm_bytes"] == HARDWARE["v5e"]  # ~125 GiB of weights
+
+
+def test_tiny_plan_in_process():
+    """plan() as a library on this process's 8 devices; dp_attention splits the cache over data × expert."""
+    p = plan(TINY_KIMI, "data=2,expert=4", batch=8, context=64, hardware="h100", rules="dp_attention")
+    layers, width = TINY_KIMI.num_hidden_layers, TINY_KIMI.kv_cache_width
+    assert p.kv_cache == layers * (8 // 8) * 64 * width * 2
+    assert p.prefill_batch == 8 and p.prefill_chunk == 64  # min(context, 2048 tokens / 4 sequences per group)
+    assert p.fits is True and p.to_json()["per_device_bytes"]["total"] == p.total
+    assert "fits" in p.text() and "indicative" in p.text()
+
+
+def test_cli_errors_name_the_problem(capsys):
+    assert main(["--config", "kimi-k2", "--mesh", "expert=4,tensor=3", "--batch", "1", "--context", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "does not split over mesh axis 'tensor' of size 3" in err and "1, 2, 4, 8, 16, 32, 64" in err
+    assert main(["--config", "kimi-k2", "--mesh", "experts=4", "--batch", "1", "--context", "8"]) == 2
+    assert "unknown mesh axis ['experts']" in capsys.readouterr().err
