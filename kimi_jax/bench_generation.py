@@ -162,7 +162,7 @@ def run_all(models: dict[str, Path | None], dtype: str, reps: int, new_tokens: i
 
 
 def markdown(results: dict, command: str, dtype: str) -> str:
-    """The report for docs/generation_bench.md."""
+    """The report for BENCHMARKS.md (Generation)."""
     lines = ["# Generation benchmark", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
              f"Compute dtype {dtype}; greedy; 16-token random prompts; medians of the repetitions. Decode "
              "tokens/s counts every row of the batch. Time to first token (TTFT) with a cold / warm "

@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--mesh", metavar="SPEC", help="device mesh to shard over, e.g. 'data:1,expert:8'")
+    p.add_argument("--mesh", metavar="SPEC",
+                   help="device mesh to shard over, e.g. 'data=1,expert=4,tensor=2' (sizes multiply to the devices)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 (default) or float32")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, ...) instead of streaming text")

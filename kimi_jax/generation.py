@@ -36,7 +36,7 @@ from kimi_jax.layout import UNSHARDED, Layout
 from kimi_jax.model import Transformer, init_cache
 from kimi_jax.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
 
-STEPS_PER_CALL = 8  # decode steps per compiled call; see docs/generation_bench.md
+STEPS_PER_CALL = 8  # decode steps per compiled call; see BENCHMARKS.md (Generation)
 
 
 # Compile cache ----------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class Generator:
             # Tie the weights to the step so that XLA cannot hoist their conversions out of the loop:
             # hoisted, each call would materialise converted copies of the weights (fp8 dequantized,
             # and on CPU every bf16 weight upcast to f32, embedding table included). Measured on the
-            # CPU bench config: 61 vs 78 ms per step at 8 steps per call (docs/generation_bench.md).
+            # CPU bench config: 61 vs 78 ms per step at 8 steps per call (BENCHMARKS.md (Generation)).
             params_ = jax.lax.optimization_barrier((params, i))[0]
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
             logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],

@@ -1,7 +1,7 @@
 """Generation benchmark: decode tokens/s at batch 1 and 8, time to first token (cold/warm compile
 cache), KV-cache bytes per token per layer, on the embedded default and a larger CPU bench config.
 
-    python scripts/bench_generate.py --out docs/generation_bench.md
+    python scripts/bench_generate.py --out /tmp/generation_bench.md
 """
 
 import argparse
