@@ -105,7 +105,7 @@ class HFReader:
             out_dtype = ml_dtypes.float8_e4m3fn
         else:
             full = leaf.shape
-            per_tensor, suffix, dtypes = spec.shape, "", FLOAT_SOURCES
+            per_tensor, suffix, dtypes = spec.shape[1:] if spec.per_expert else spec.shape, "", FLOAT_SOURCES
             out_dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else np.float32
         index = index or tuple(slice(None) for _ in full)
         n_stack = len(full) - len(per_tensor)  # leading dims assembled from separate tensors

@@ -16,6 +16,7 @@ from kimi_jax.checkpoint import load_hf_params
 from kimi_jax.config import Config
 from kimi_jax.layout import UNSHARDED
 from kimi_jax.model import Transformer
+from kimi_jax.orbax_io import is_orbax_checkpoint, load_orbax_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -125,7 +126,7 @@ class Model:
 def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = None,
          backend: str | None = None, rules: Any = None) -> Model:
     """Load a Hugging Face checkpoint directory (config.json + safetensors shards, and a tokenizer
-    file if present: `Model.tokenizer`).
+    file if present: `Model.tokenizer`), or one converted by `python -m kimi_jax.convert` (orbax).
 
     dtype: compute dtype ("bfloat16", or "float32" for exact parity). Block-fp8 weights stay
     float8_e4m3fn with their scales and are dequantized inside the compiled forward, one layer at a
@@ -138,13 +139,23 @@ def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = Non
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = Config.from_json(path)
-    if mesh is None:
-        params, layout = load_hf_params(path, config), None
+    layout = None if mesh is None else mesh_layout(mesh, config, rules)
+    if is_orbax_checkpoint(path):  # converted by kimi_jax.convert: each group restored into its sharding
+        shardings = None if layout is None else functools.partial(leaf_sharding_of, layout, config)
+        params = load_orbax_params(path, config, shardings)
+    elif mesh is None:
+        params = load_hf_params(path, config)
     else:  # each device reads its own slice of each weight, straight into its sharding
-        layout = mesh_layout(mesh, config, rules)
         params = load_hf_params(path, config, layout.placer(config))
     return Model(config, params, dtype=dtype, mesh=layout and layout.mesh, backend=backend,
                  tokenizer=_find_tokenizer(path), rules=rules)
+
+
+def leaf_sharding_of(layout, config: Config, leaf):
+    """A weight's sharding under `layout` (a QArray of two for fp8 weights), for the orbax restore."""
+    from sharding.rules import leaf_sharding
+
+    return leaf_sharding(leaf, config, layout.mesh, layout.rules)
 
 
 def mesh_layout(mesh: Any, config: Config, rules: Any = None):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+from kimi_jax import distributed
 
 EPILOG = """\
 examples:
@@ -43,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 (default) or float32")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, ...) instead of streaming text")
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -67,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
     import kimi_jax
     from kimi_jax.default_model import load_default
 
+    info = distributed.initialize(args)  # before any device is touched; a no-op for one process
+    if info.num_processes > 1 and not args.mesh:
+        raise ValueError(f"a {info.num_processes}-process run shards the model over every process's devices: "
+                         "pass --mesh, e.g. --mesh expert=8 for 8 devices in all")
+    if info.num_processes > 1:  # native logs (gloo) to stderr; every process computes, only process 0 prints
+        distributed.python_only_stdout()
+        if not info.is_main:
+            sys.stdout = open(os.devnull, "w")
     if args.checkpoint:
         model = kimi_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
     else:
@@ -115,6 +127,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError, NotImplementedError, KeyError) as e:  # ConfigError/CheckpointError are ValueErrors
         message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
         print(f"error: {message}", file=sys.stderr)
+        return 1
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
