@@ -307,12 +307,10 @@ class Generator:
         return self._place_cache(cache), state, out
 
     # Host side ----------------------------------------------------------------------------------
-    def prefill(self, requests: list[Request]):
-        """Run prefill for a batch; returns (last logits, decode cache, state, rows, first tokens) on device."""
+    def prefill_prompts(self, requests: list[Request]):
+        """Prefill alone: (last logits, T-slot prompt cache, state, rows, first tokens) on device, batch bucketed."""
         b = batch_bucket(len(requests), self.batch_shards)
         t = length_bucket(max(len(r.prompt) for r in requests))
-        need = max(len(r.prompt) + r.max_new_tokens for r in requests)
-        s = min(length_bucket(need, 64), self.cfg.max_position_embeddings)
         tokens = np.zeros((b, t), np.int32)
         lengths = np.zeros(b, np.int32)
         for i, r in enumerate(requests):
@@ -320,7 +318,20 @@ class Generator:
             lengths[i] = len(r.prompt)
         rows = jax.device_put(_rows(requests, b))  # sent once, reused by every decode call
         logits, small, state, first = self._prefill(self.params, tokens, lengths, rows)
+        return logits, small, state, rows, first
+
+    def prefill(self, requests: list[Request]):
+        """Run prefill for a batch; returns (last logits, decode cache, state, rows, first tokens) on device."""
+        logits, small, state, rows, first = self.prefill_prompts(requests)
+        t = next(iter(small.values())).latent.shape[2]
+        need = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        s = min(length_bucket(need, 64), self.cfg.max_position_embeddings)
         return logits, self._place(small, max(s, t)), state, rows, first
+
+    def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None):
+        """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B], −1 = none).
+        The cache is donated: use the returned one."""
+        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call)
 
     def stream(self, requests: list[Request]) -> Iterator[list[list[int]]]:
         """Yield, per compiled call, each request's new tokens (possibly none); the last one ends with its stop."""

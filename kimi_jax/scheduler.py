@@ -1,0 +1,313 @@
+"""Continuous batching: a fixed set of decode slots kept busy by one model thread.
+
+The slot cache holds `max_batch` sequences of `max_context` positions each ([layers, B, S, width]
+per latent group). The model thread loops:
+
+    1. free the slots of finished or cancelled jobs (their rows are marked done: position −1,
+       so they write nothing and are skipped by every later step);
+    2. admit waiting jobs into free slots: prefill them (a batch of up to `max_prefill`, shapes
+       bucketed), copy each prompt's cache into its slot, and emit its first token;
+    3. run one compiled decode call of `steps_per_call` steps over all slots and block on its
+       tokens; hand each job its new tokens.
+
+Rows never interact: a slot's sequence lives in that row of the cache alone and attention only
+sees keys at positions ≤ the row's own, so a request's greedy tokens do not depend on what shares
+the batch. New requests wait at most one decode call before they are prefilled.
+
+The thread owns JAX; the asyncio side calls `submit` / `cancel` (thread-safe) and receives
+events through each job's `sink` callback, which runs on the model thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from kimi_jax.generation import DecodeState, Generator, Request, Rows
+from kimi_jax.model import init_cache
+
+MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at `max_queue`; the server answers 429."""
+
+
+class SchedulerStopped(RuntimeError):
+    """The model thread is gone (it failed or was stopped); the server answers 503."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request in the scheduler. `sink(tokens, finish_reason)` is called on the model thread
+    with new token ids, and once more with a finish reason ("stop", "length", "cancelled", "error: …")."""
+
+    request: Request
+    sink: Callable[[list[int], str | None], None]
+    forced: tuple[int, ...] | None = None  # test-only scripted output (see `Scheduler.script`)
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generated: int = 0
+    cancelled: bool = False
+    finished: bool = False
+
+
+class Metrics:
+    """Counters and gauges the server exports (plain numbers; written by the model thread)."""
+
+    TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self) -> None:
+        self.requests = collections.Counter()  # finish reason -> count
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.decode_calls = 0
+        self.decode_steps = 0
+        self.occupied_slot_steps = 0  # sum over decode calls of (active slots × steps run)
+        self.max_occupancy = 0
+        self.prefill_calls = 0
+        self.busy_seconds = 0.0  # model-thread time spent in prefill/decode
+        self.ttft_count = 0
+        self.ttft_sum = 0.0
+        self.ttft_buckets = [0] * len(self.TTFT_BUCKETS)
+        self.last_tokens_per_s = 0.0
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft_count += 1
+        self.ttft_sum += seconds
+        for i, edge in enumerate(self.TTFT_BUCKETS):
+            if seconds <= edge:
+                self.ttft_buckets[i] += 1
+
+
+class Scheduler:
+    """Continuous batching over `generator` with `max_batch` slots of `max_context` positions.
+
+    script: test-only hook, `script(prompt_ids) -> token ids | None`. When it returns ids, the
+    job's output is those ids instead of the model's (the job still occupies a slot and decodes,
+    so the scheduling path is the real one); it documents itself in tests/test_serve.py.
+    """
+
+    def __init__(self, generator: Generator, max_batch: int = 16, max_context: int = 4096, max_queue: int = 256,
+                 max_prefill: int = 8, steps_per_call: int | None = None,
+                 script: Callable[[Sequence[int]], Sequence[int] | None] | None = None):
+        shards = generator.batch_shards
+        self.generator = generator
+        self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
+        self.max_context = min(max_context, generator.cfg.max_position_embeddings)
+        self.max_queue, self.max_prefill = max_queue, max_prefill
+        self.steps_per_call = steps_per_call or generator.steps_per_call
+        self.script = script
+        self.metrics = Metrics()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._slots: list[Job | None] = [None] * self.max_batch
+        self._wake = threading.Condition()
+        self._stop = False
+        self._insert = jax.jit(_insert_row, donate_argnums=(0,))
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # Thread-safe API ----------------------------------------------------------------------------
+    def submit(self, request: Request, sink) -> Job:
+        """Queue a request; raises QueueFull when `max_queue` jobs are already waiting."""
+        if len(request.prompt) + request.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max new tokens ({request.max_new_tokens}) "
+                             f"exceed the server's context of {self.max_context} tokens")
+        if len(request.stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(request.stop_ids)}")
+        if self._thread is not None and not self._thread.is_alive():
+            raise SchedulerStopped(f"the model thread has stopped ({self.error!r}); restart the server")
+        forced = self.script(request.prompt) if self.script is not None else None
+        job = Job(request, sink, tuple(forced) if forced is not None else None)
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (client gone, stop string seen): its slot is freed before the next decode call."""
+        with self._wake:
+            job.cancelled = True
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(j is not None for j in self._slots)
+
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._run, name="kimi-jax-model", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # Model thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._reset()
+            while True:
+                with self._wake:
+                    while not self._stop and not self._waiting and not self.active:
+                        self._wake.wait()
+                    if self._stop:
+                        break
+                self._free_cancelled()
+                self._admit()
+                if self.active:
+                    self._decode()
+        except BaseException as e:  # report to every job instead of hanging them
+            self.error = e
+            with self._wake:
+                jobs = [j for j in self._slots if j is not None] + list(self._waiting)
+                self._waiting.clear()
+            for job in jobs:
+                self._finish(job, f"error: {type(e).__name__}: {e}")
+            raise
+
+    def _reset(self) -> None:
+        g, b = self.generator, self.max_batch
+        self._cache = init_cache(g.cfg, b, self.max_context, g.dtype)
+        if g.mesh is not None:  # the slot cache lives where decode wants it (batch split over `data`)
+            self._cache = jax.device_put(self._cache, g.layout.cache_shardings(g.cfg, b, self.max_context))
+        self._state = DecodeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
+                                  np.ones(b, bool))  # host copies; every slot starts free (done)
+        self._rows = Rows(np.zeros(b, np.float32), np.ones(b, np.float32), np.zeros(b, np.int32),
+                          np.zeros(b, np.uint32), np.ones(b, np.int32), np.full((b, MAX_STOP_IDS), -1, np.int32))
+        self._rows_device = None
+
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+        self._state.done[slot] = True
+
+    def _free_cancelled(self) -> None:
+        with self._wake:
+            gone = [j for j in self._waiting if j.cancelled]
+            self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
+        for job in gone:
+            self._finish(job, "cancelled")
+        for slot, job in enumerate(self._slots):
+            if job is not None and job.cancelled:
+                self._finish(job, "cancelled")
+                self._free(slot)
+
+    def _admit(self) -> None:
+        """Prefill waiting jobs into free slots (several prefill batches if there is room)."""
+        while True:
+            free = [i for i, j in enumerate(self._slots) if j is None]
+            with self._wake:
+                take = min(len(free), self.max_prefill, len(self._waiting))
+                jobs = [self._waiting.popleft() for _ in range(take)]
+            if not jobs:
+                return
+            start = time.perf_counter()
+            _, small, state, _, first = self.generator.prefill_prompts([j.request for j in jobs])
+            first = np.asarray(first)  # blocks: the first tokens are ready
+            state = jax.tree.map(np.asarray, state)
+            for k, (job, slot) in enumerate(zip(jobs, free)):
+                self._cache = self._insert(self._cache, small, k, slot)
+                for field, value in zip(self._state, state):
+                    field[slot] = value[k]
+                self._set_rows(slot, job)
+                self._slots[slot] = job
+                self.metrics.prompt_tokens += len(job.request.prompt)
+            self._rows_device = None
+            self.metrics.prefill_calls += 1
+            self.metrics.busy_seconds += time.perf_counter() - start
+            for k, (job, slot) in enumerate(zip(jobs, free)):
+                self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [])
+
+    def _set_rows(self, slot: int, job: Job) -> None:
+        request, r = job.request, self._rows
+        s = request.sampling
+        r.temperature[slot], r.top_p[slot], r.top_k[slot] = s.temperature, s.top_p, s.top_k
+        r.seed[slot], r.max_new[slot] = s.seed, request.max_new_tokens
+        r.stop_ids[slot] = -1
+        if job.forced is None:
+            r.stop_ids[slot, :len(request.stop_ids)] = request.stop_ids
+        else:  # a scripted row runs exactly as long as its script, whatever the model samples
+            r.max_new[slot] = len(job.forced)
+            self._state.done[slot] = len(job.forced) <= 1
+
+    def _decode(self) -> None:
+        start = time.perf_counter()
+        if self._rows_device is None:
+            self._rows_device = jax.device_put(self._rows)
+        active = self.active
+        self._cache, state, out = self.generator.decode(self._cache, self._state, self._rows_device,
+                                                        self.steps_per_call)
+        out = np.asarray(out)  # (steps, B); blocks on the call
+        self._state = DecodeState(*(np.array(x) for x in state))  # writable host copies
+        elapsed = time.perf_counter() - start
+        steps = int((out >= 0).any(axis=1).sum())
+        made = int((out >= 0).sum())
+        m = self.metrics
+        m.decode_calls += 1
+        m.decode_steps += steps
+        m.occupied_slot_steps += active * steps
+        m.max_occupancy = max(m.max_occupancy, active)
+        m.busy_seconds += elapsed
+        m.last_tokens_per_s = made / elapsed if elapsed > 0 else 0.0
+        for slot, job in enumerate(self._slots):
+            if job is not None:
+                self._deliver(slot, job, [int(x) for x in out[:, slot] if x >= 0])
+
+    def _deliver(self, slot: int, job: Job, tokens: list[int]) -> None:
+        """Hand new tokens to a job; finish it and free its slot when its row is done."""
+        done = bool(self._state.done[slot])
+        if job.forced is not None:  # test-only script: substitute the scripted ids, in order
+            tokens = list(job.forced[job.generated:job.generated + len(tokens)])
+            done = job.generated + len(tokens) >= len(job.forced)
+        if tokens and job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+            self.metrics.observe_ttft(job.first_token_at - job.submitted)
+        job.generated += len(tokens)
+        self.metrics.generation_tokens += len(tokens)
+        if done:
+            last = tokens[-1] if tokens else None
+            self._finish(job, "stop" if last in job.request.stop_ids else "length", tokens)
+            self._free(slot)
+        elif tokens and not job.cancelled:
+            job.sink(tokens, None)
+
+    def _finish(self, job: Job, reason: str, tokens: list[int] = ()) -> None:
+        """The job's last call of its sink: its final tokens (if any) with the finish reason."""
+        if job.finished:
+            return
+        job.finished = True
+        self.metrics.requests[reason.split(":")[0]] += 1
+        job.sink(list(tokens), reason)
+
+
+def _insert_row(cache: dict[str, Any], small: dict[str, Any], src, dst) -> dict[str, Any]:
+    """Copy row `src` of a prefill cache [L, b, T, w] into slot `dst` of the slot cache [L, B, S, w]
+    (the first min(T, S) positions; a prompt never reaches past S)."""
+
+    def one(big, part):
+        s = big.shape[2]
+        row = jax.lax.dynamic_slice_in_dim(part, src, 1, axis=1)[:, :, :s]  # (L, 1, min(T, S), w)
+        return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (0, dst, 0, 0))
+
+    return jax.tree.map(one, cache, small)
+

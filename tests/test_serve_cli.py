@@ -1,0 +1,58 @@
+"""`python -m kimi_jax.serve` as a user starts it: a subprocess on a free port, with an API key."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_serves_with_key():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), "--api-key", "sk-cli",
+                             "--max-batch", "2", "--max-context", "128", "--served-model-name", "kimi-test"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log = proc.stdout.read() if proc.poll() is not None else ""
+                raise AssertionError(f"server did not come up:\n{log}")
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-cli"}, timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["kimi-test"]
+        r = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer sk-cli"}, timeout=120,
+                       json={"model": "kimi-test", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_cli_help_lists_flags():
+    from kimi_jax.serve import parse_args
+
+    args = parse_args([])
+    assert (args.host, args.port, args.served_model_name, args.api_key) == ("127.0.0.1", 8000, "kimi-k2-instruct", None)
+    with pytest.raises(SystemExit):
+        parse_args(["--port", "not-a-port"])
