@@ -27,6 +27,10 @@ run: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# OpenAI/Anthropic-compatible server on 127.0.0.1:8000 (embedded default unless ARGS="--checkpoint PATH").
+serve: $(STAMP)
+	$(PY) -m kimi_jax.serve $(ARGS)
+
 lint: $(TEST_STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check kimi_jax sharding scripts tests
