@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint bench train-tiny clean
+.PHONY: run test serve lint bench train-tiny clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
