@@ -23,6 +23,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from kimi_jax import distributed
+
 EPILOG = """\
 examples:
   python -m kimi_jax.serve                                   # embedded default model on 127.0.0.1:8000
@@ -371,6 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests prefilled together when several wait (default 4)")
     p.add_argument("--steps-per-call", type=int, default=None, metavar="K",
                    help="decode steps per compiled call (default: the generator's)")
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -396,6 +399,18 @@ def main(argv=None) -> int:
     import uvicorn
 
     args = parse_args(argv)
+    try:
+        info = distributed.initialize(args)  # before any device is touched; a no-op for one process
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if info.num_processes > 1:
+        # Every process would have to run the same decode steps, so process 0 would need to
+        # broadcast each admitted request to the others: not built yet.
+        print("error: serving across several processes is not supported yet; serve from one host "
+              "(all of its devices via --mesh), or use `python -m kimi_jax.generate` for multi-host runs",
+              file=sys.stderr)
+        return 1
     server = build_server(args)
     if not args.checkpoint:
         print("[kimi_jax] embedded default model: random weights, so the text is noise", file=sys.stderr)

@@ -56,3 +56,14 @@ def test_cli_help_lists_flags():
     assert (args.host, args.port, args.served_model_name, args.api_key) == ("127.0.0.1", 8000, "kimi-k2-instruct", None)
     with pytest.raises(SystemExit):
         parse_args(["--port", "not-a-port"])
+
+
+def test_serve_takes_the_multi_host_flags_and_fails_clearly_without_a_coordinator():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "kimi_jax.serve", "--num-processes", "2", "--process-id", "1",
+                          "--coordinator-address", "127.0.0.1:1", "--init-timeout", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "could not reach coordinator 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
