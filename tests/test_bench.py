@@ -1,0 +1,45 @@
+"""Smoke tests of the benchmarks on the tiny config: they run and report every key. Never timed assertions."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("decode_tokens_per_s", "hf_decode_tokens_per_s", "decode_speedup_vs_transformers", "decode_roofline_fraction",
+        "prefill_tokens_per_s", "peak_rss_bytes", "weight_bytes")
+
+
+def test_bench_script_tiny_json(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as `make bench` runs
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", "tiny", "--json",
+                           "--no-ttft", "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for key in KEYS:
+        assert key in result, f"{key} missing from bench.py --json output"
+        assert isinstance(result[key], (int, float)) and result[key] > 0, (key, result[key])
+    assert result["config"] == "tiny"
+
+
+def test_roofline_bytes_count_only_experts_hit():
+    from kimi_jax.bench.roofline import decode_step_bytes, expected_distinct_experts, weight_bytes
+    from kimi_jax.config import KIMI_K2
+
+    assert abs(expected_distinct_experts(384, 8, 1) - 8) < 1e-9
+    assert 59 < expected_distinct_experts(384, 8, 8) < 60
+    one = decode_step_bytes(KIMI_K2, 1, 0)
+    # Kimi-K2 at batch 1 reads ~32B active parameters' bytes (fp8), far below its 1.03 TB.
+    assert 25e9 < one["total"] < 40e9 and 1.0e12 < weight_bytes(KIMI_K2) < 1.05e12
+
+
+def test_gpu_bench_tiny_path_runs_on_cpu():
+    from kimi_jax.bench import gpu
+
+    result = gpu.run("tiny", log=lambda msg: None)
+    for key in ("decode_tokens_per_s_b1", "decode_roofline_fraction_b1", "prefill_flops_per_s",
+                "prefill_fraction_of_matmul_rate", "copy_bandwidth_bytes_per_s"):
+        assert result[key] > 0, key
+    assert "| 1 |" in gpu.markdown(result)
