@@ -20,7 +20,8 @@ import math
 import mmap
 import os
 import threading
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -235,7 +236,7 @@ class SafetensorsFile:
             except BufferError:
                 pass  # views still export the buffer; mmap unmaps itself when they die
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -420,7 +421,7 @@ class ShardedCheckpointReader:
         for f in files.values():
             f.close()
 
-    def __enter__(self) -> "ShardedCheckpointReader":
+    def __enter__(self) -> ShardedCheckpointReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -297,7 +297,7 @@ def test_sharded_round_trip(tmp_path):
         assert r._files == {}  # nothing opened until asked
         assert r.info(W).shape == (8, 4)
         assert list(r._files) == ["model-00001-of-00002.safetensors"]
-        for shard, tensors in shards.items():
+        for tensors in shards.values():
             for name, arr in tensors.items():
                 assert _np_bytes(r.get(name)) == _np_bytes(arr)
         assert len(r._files) == 2
