@@ -1,6 +1,6 @@
 """Train the embedded tiny chat model with MuonClip and write it, block-fp8, to kimi_jax/assets/tiny_chat.
 
-    make train-tiny                       # the shipped recipe (about 20 minutes on 2 CPU cores)
+    make train-tiny                       # the current recipe (not yet at the evaluation targets)
     python scripts/train_tiny.py --steps 50 --out /tmp/tiny_chat     # a quick look
 
 Corpus, tokenizer, training and the held-out evaluation all live in `kimi_jax.train`; the run is a
