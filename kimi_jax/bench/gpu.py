@@ -14,9 +14,7 @@ The "tiny" config runs the same code path on any backend in seconds (tests/test_
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from kimi_jax.bench.compare import TINY, Settings, kimi_decode, kimi_prefill
 from kimi_jax.config import KIMI_K2, Config
 from kimi_jax.quant import QArray, storage_dtype
 from kimi_jax.weights import build_tree, scale_shape
+from kimi_jax.bench.timing import median_seconds
 
 GPU_SETTINGS = Settings(reps=3, decode_steps=32, decode_prompt=64, prefill_prompt=2048, batches=(1, 8, 64))
 TINY_SETTINGS = Settings(reps=1, decode_steps=4, decode_prompt=8, prefill_prompt=32, batches=(1,))
@@ -78,28 +77,20 @@ def device_params(cfg: Config, seed: int = 0) -> dict:
     return jax.block_until_ready(jax.jit(build)(jax.random.key(seed)))
 
 
-def _median_time(fn: Callable[[], object], reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int, reps: int = 5) -> float:
     """Device memory bandwidth in bytes/s from an elementwise pass over a large array (read + write)."""
     x = jnp.ones(nbytes // 4, jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
-    return 2 * x.nbytes / _median_time(lambda: f(x), reps)
+    return 2 * x.nbytes / median_seconds(lambda: f(x), reps)
 
 
 def matmul_rate(n: int, reps: int = 5) -> float:
     """bf16 matmul FLOP/s on an n×n×n product (f32 accumulation)."""
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    return 2 * n ** 3 / _median_time(lambda: f(a, a), reps)
+    return 2 * n ** 3 / median_seconds(lambda: f(a, a), reps)
 
 
 def run(config: str = "k2-width", log=print) -> dict:
@@ -125,14 +116,14 @@ def run(config: str = "k2-width", log=print) -> dict:
            "init_s": time.perf_counter() - start, "copy_bandwidth_bytes_per_s": bandwidth,
            "bf16_matmul_flops_per_s": rate}
     log(f"{out['weight_bytes'] / 1e9:.1f} GB of weights generated in {out['init_s']:.0f} s")
-    prefill_s = _median_time(kimi_prefill(model, s.prefill_prompt), s.reps)
+    prefill_s = median_seconds(kimi_prefill(model, s.prefill_prompt), s.reps)
     flops = roofline.prefill_flops(cfg, s.prefill_prompt)
     out.update(prefill_prompt=s.prefill_prompt, prefill_tokens_per_s=s.prefill_prompt / prefill_s,
                prefill_flops_per_s=flops / prefill_s, prefill_fraction_of_matmul_rate=flops / prefill_s / rate)
     log(f"prefill {out['prefill_tokens_per_s']:.0f} tokens/s, {out['prefill_flops_per_s'] / 1e12:.1f} TFLOP/s")
     context = s.decode_prompt + s.decode_steps // 2
     for b in s.batches:
-        step = _median_time(kimi_decode(model, b, s), s.reps)
+        step = median_seconds(kimi_decode(model, b, s), s.reps)
         need = roofline.decode_step_bytes(cfg, b, context)
         out[f"decode_tokens_per_s_b{b}"] = b / step
         out[f"decode_step_bytes_b{b}"] = need["total"]

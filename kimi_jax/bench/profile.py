@@ -10,8 +10,6 @@ scaled by how many layers run them, are compared with one whole step (`Generator
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -22,16 +20,9 @@ from kimi_jax.attention import MLA, LatentCache
 from kimi_jax.layers import swiglu
 from kimi_jax.moe import route, routed_experts
 from kimi_jax.quant import dequantize
+from kimi_jax.bench.timing import median_seconds
 
 
-def _median_s(fn: Callable[[], object], reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) -> dict[str, float]:
@@ -57,11 +48,11 @@ def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) 
     positions = jnp.full((batch, 1), context // 2, jnp.int32)
     attn = jax.jit(lambda pa, x, c: mla.apply({"params": pa}, x[:, None], positions, c)[0])
 
-    dispatch = _median_s(lambda: noop(x), reps)
+    dispatch = median_seconds(lambda: noop(x), reps)
     part = {"dispatch_per_call": dispatch}
 
     def timed(fn: Callable[[], object]) -> float:
-        return max(0.0, _median_s(fn, reps) - dispatch)
+        return max(0.0, median_seconds(fn, reps) - dispatch)
 
     n_moe, n_dense = cfg.num_moe_layers, cfg.num_dense_layers
     part["routed_experts_fp8"] = n_moe * timed(lambda: routed(x, weights, idx, experts))
@@ -84,7 +75,7 @@ def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) 
         nonlocal full_cache
         logits, full_cache = step(model.params, full_cache, tokens, pos)
         return logits
-    part["whole_step_one_call"] = _median_s(one_step, reps)
+    part["whole_step_one_call"] = median_seconds(one_step, reps)
     return part
 
 
