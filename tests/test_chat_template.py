@@ -161,12 +161,11 @@ def test_render_chat_matches_jinja_template(name, add_generation_prompt):
     assert messages == before  # inputs are not modified
 
 
-def test_matches_transformers_renderer_when_installed():
-    # The strongest check: transformers' own chat-template code, if it is importable here.
-    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
-    render = getattr(chat_utils, "render_jinja_template", None)
-    if render is None:
-        pytest.skip("this transformers version has no render_jinja_template")
+def test_matches_transformers_renderer():
+    # The strongest check: transformers' own chat-template code (transformers is in the test extra).
+    from transformers.utils import chat_template_utils as chat_utils
+
+    render = chat_utils.render_jinja_template
     for name, (messages, tools) in CONVERSATIONS.items():
         if not messages:
             continue

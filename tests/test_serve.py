@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-anthropic = pytest.importorskip("anthropic")
+# The clients are in the test extra: a missing one is an install error, never a skip.
+import anthropic  # noqa: E402
 import httpx  # noqa: E402
+import openai  # noqa: E402
 
 from serve_util import WEATHER_ANSWER, LiveServer, metrics, weather_script  # noqa: E402
 
