@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from kimi_jax.config import Config
 from kimi_jax.layers import apply_rope, rms_norm, rope_angles
 from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.quant import dequantize, linear
+from kimi_jax.quant import dequantize
 from kimi_jax.weights import attention_specs, declare
 
 NEG_INF = -1e30  # finite, so a fully masked row (a padded query) stays NaN-free
@@ -72,12 +72,12 @@ class MLA(nn.Module):
         eps = cfg.rms_norm_eps
         cos, sin = rope_angles(cfg, jnp.maximum(positions, 0))
 
-        c_q = rms_norm(linear(x, p["q_a_proj"]), p["q_a_norm"], eps)
-        q = linear(c_q, p["q_b_proj"]).reshape(b, t, h, nope + rope)  # (B, T, H, nope+rope)
+        c_q = rms_norm(self.layout.linear(x, p["q_a_proj"]), p["q_a_norm"], eps)
+        q = self.layout.linear(c_q, p["q_b_proj"]).reshape(b, t, h, nope + rope)  # (B, T, H, nope+rope)
         q = self.layout.constrain(q, ("batch", "seq", "heads", None))  # heads stay where q_b_proj's rows are
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
-        kv = linear(x, p["kv_a_proj"])  # (B, T, kv_lora + rope)
+        kv = self.layout.linear(x, p["kv_a_proj"])  # (B, T, kv_lora + rope)
         latent = rms_norm(kv[..., :cfg.kv_lora_rank], p["kv_a_norm"], eps)
         k_rope = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
 
@@ -95,7 +95,7 @@ class MLA(nn.Module):
         attend = _absorbed if self.absorb else _expanded
         o = attend(q_nope, q_rope, keys, mask, w_uk, w_uv, cfg.softmax_scale)  # (B, T, H, v)
         o = self.layout.constrain(o, ("batch", "seq", "heads", None))  # o_proj then sums over heads
-        out = linear(o.reshape(b, t, h * vd), p["o_proj"])
+        out = self.layout.linear(o.reshape(b, t, h * vd), p["o_proj"])
         return out, cache
 
 

@@ -257,8 +257,7 @@ class Generator:
         cache = self._place_cache(init_cache(self.cfg, b, t, self.dtype))
         hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
         last = hidden[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, D): only these need logits
-        logits = jnp.einsum("bd,vd->bv", last, params["lm_head"].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = self.layout.logits(last, params["lm_head"], self.dtype)
         first = sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, jnp.zeros(b, jnp.int32))
         # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
         start = DecodeState(first, lengths - 1, jnp.zeros(b, jnp.int32), lengths == 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import Config
+from kimi_jax.layout import UNSHARDED, Layout
 from kimi_jax.quant import linear
 from kimi_jax.weights import declare, layer_specs
 
@@ -83,17 +85,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def swiglu(x: jax.Array, gate, up, down) -> jax.Array:
-    """down(silu(gate(x)) · up(x)) for plain or block-fp8 weights."""
-    return linear(jax.nn.silu(linear(x, gate)) * linear(x, up), down)
+def swiglu(x: jax.Array, gate, up, down, product: Callable = linear) -> jax.Array:
+    """down(silu(gate(x)) · up(x)) for plain or block-fp8 weights; `product(x, w)` is the matmul
+    (`quant.linear`, or a layout's `linear`)."""
+    return product(jax.nn.silu(product(x, gate)) * product(x, up), down)
 
 
 class MLP(nn.Module):
     """Dense SwiGLU MLP of the first `first_k_dense_replace` layers."""
 
     cfg: Config
+    layout: Layout = UNSHARDED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = declare(self, layer_specs(self.cfg, moe=False)["ffn"], self.cfg)
-        return swiglu(x, p["gate"], p["up"], p["down"])
+        return swiglu(x, p["gate"], p["up"], p["down"], self.layout.linear)

@@ -37,7 +37,7 @@ class DecoderLayer(nn.Module):
         h, cache = MLA(cfg, self.absorb, self.layout, name="attn")(h, positions, cache)
         x = x + h.astype(jnp.float32)
         y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        y = MoE(cfg, self.backend, self.layout, name="ffn")(y) if self.moe else MLP(cfg, name="ffn")(y)
+        y = MoE(cfg, self.backend, self.layout, name="ffn")(y) if self.moe else MLP(cfg, self.layout, name="ffn")(y)
         return x + y.astype(jnp.float32), cache
 
 
@@ -76,34 +76,7 @@ class Transformer(nn.Module):
         x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps).astype(self.dtype)
         if return_hidden:
             return x, new_cache
-        if self.absorb and self.layout is UNSHARDED and jax.default_backend() == "cpu":
-            return _chunked_logits(x, p["lm_head"], self.dtype), new_cache
-        logits = jnp.einsum("btd,vd->btv", x, p["lm_head"].astype(self.dtype), preferred_element_type=jnp.float32)
-        return logits, new_cache
-
-
-LOGIT_CHUNKS = 16
-
-
-def _chunked_logits(x: jax.Array, lm_head: jax.Array, dtype, chunks: int = LOGIT_CHUNKS) -> jax.Array:
-    """x [B, T, D] @ lm_headᵀ [V, D] -> f32 [B, T, V], converting the weight one vocab slice at a time.
-
-    Decode on CPU: XLA materialises `lm_head.astype(...)` (and its f32 upcast for the dot) whole, every
-    step; for a 32768 x 1024 head that conversion cost 75 ms against 7 ms for the same product over 16
-    slices whose conversion stays in cache (the barrier stops XLA hoisting it out of the loop).
-    Identical values: the same convert and f32 accumulation. BENCHMARKS.md has the measurement.
-    """
-    v, d = lm_head.shape
-    if v % chunks:
-        return jnp.einsum("btd,vd->btv", x, lm_head.astype(dtype), preferred_element_type=jnp.float32)
-    w = lm_head.reshape(chunks, v // chunks, d)  # (C, V/C, D)
-
-    def body(i, out):
-        part = jax.lax.optimization_barrier((w, i))[0][i].astype(dtype)
-        return out.at[i].set(jnp.einsum("btd,vd->btv", x, part, preferred_element_type=jnp.float32))
-
-    out = jax.lax.fori_loop(0, chunks, body, jnp.zeros((chunks, *x.shape[:2], v // chunks), jnp.float32))
-    return jnp.moveaxis(out, 0, 2).reshape(*x.shape[:2], v)  # (C, B, T, V/C) -> (B, T, V)
+        return self.layout.logits(x, p["lm_head"], self.dtype), new_cache
 
 
 def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.bfloat16) -> dict[str, LatentCache]:

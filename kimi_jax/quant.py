@@ -38,9 +38,23 @@ def to_storage(values: np.ndarray, platform: str | None = None) -> np.ndarray:
     return values.view(storage_dtype(platform)) if values.dtype == np.dtype(ml_dtypes.float8_e4m3fn) else values
 
 
-def as_fp8(values: jax.Array) -> jax.Array:
-    """fp8 values from either storage form (uint8 raw bytes or float8_e4m3fn)."""
-    return jax.lax.bitcast_convert_type(values, FP8) if values.dtype == jnp.uint8 else values
+def fp8_to_float32(values: jax.Array) -> jax.Array:
+    """float8_e4m3fn values, from either storage form, as float32 (exact: every fp8 value is an f32).
+
+    Raw bytes (CPU storage) are decoded with integer arithmetic that vectorises: for a normal number
+    the 7 magnitude bits shifted into place are the f32 bit pattern up to the exponent bias
+    (127 − 7 = 120); a subnormal (exponent 0) is its 3 mantissa bits times 2⁻⁹; 0x7F is NaN. XLA's
+    CPU convert from float8 runs element by element, 2.5× slower inside a matvec (measured).
+    Checked against ml_dtypes on all 256 codes (tests/test_quant.py).
+    """
+    if values.dtype != jnp.uint8:
+        return values.astype(jnp.float32)
+    bits = values.astype(jnp.uint32)
+    mag = bits & 0x7F
+    normal = jax.lax.bitcast_convert_type((mag << 20) + (120 << 23), jnp.float32)
+    v = jnp.where(mag >= 8, normal, mag.astype(jnp.float32) * (2.0 ** -9))
+    v = jnp.where(mag == 0x7F, jnp.nan, v)
+    return jnp.where(bits >= 0x80, -v, v)
 
 
 @struct.dataclass
@@ -89,17 +103,68 @@ def dequantize(w: QArray | jax.Array, dtype=jnp.float32) -> jax.Array:
     if not isinstance(w, QArray):
         return w.astype(dtype)
     values, scales = jax.lax.optimization_barrier((w.values, w.scales))
-    values = as_fp8(values)
     rows, cols = values.shape[-2:]
     br, bc = w.block
     s = jnp.repeat(jnp.repeat(scales, br, axis=-2)[..., :rows, :], bc, axis=-1)[..., :cols]
-    return (values.astype(jnp.float32) * s).astype(dtype)
+    return (fp8_to_float32(values) * s).astype(dtype)
 
 
 def linear(x: jax.Array, w: QArray | jax.Array, dtype=None) -> jax.Array:
     """x[..., in] @ W[out, in]ᵀ -> [..., out] for a plain or block-fp8 weight, computed in `dtype` (x's by default)."""
     dtype = dtype or x.dtype
     return jnp.einsum("...i,oi->...o", x.astype(dtype), dequantize(w, dtype))
+
+
+STREAM_SLICE_BYTES = 2 << 20  # weight bytes per slice: the best of 0.5-8 MiB on the CPU bench config (BENCHMARKS.md)
+
+
+def streamed_linear(x: jax.Array, w: QArray | jax.Array, dtype=None,
+                    slice_bytes: int = STREAM_SLICE_BYTES) -> jax.Array:
+    """`linear` for a few rows of x on CPU: W converted and multiplied one slice of output rows at a time.
+
+    XLA's CPU backend fuses no conversion into a dot: `linear` writes the whole converted weight
+    (fp8 -> float32, or bf16 -> float32 for its f32 dot) to memory and reads it back, about 9 bytes
+    moved per fp8 value where the product needs 1. Here each slice's conversion is still in cache
+    when its dot reads it. The arithmetic is float32 throughout (the fp8 values times their scales
+    are exact in float32), rounded to `dtype` once at the end. Slices are whole scale blocks; a
+    weight that cannot be cut so falls back to `linear`.
+    """
+    dtype = dtype or x.dtype
+    n, k = w.shape[-2:]
+    unit = w.block[0] if isinstance(w, QArray) else 1  # rows per scale block
+    if len(w.shape) != 2 or n % unit:
+        return linear(x, w, dtype)
+    blocks = n // unit
+    per_slice = max(1, min(blocks, slice_bytes // max(unit * k * w_itemsize(w), 1)))
+    while blocks % per_slice:  # equal slices for the loop
+        per_slice -= 1
+    count, rows = blocks // per_slice, per_slice * unit
+    if count == 1:
+        return linear(x.astype(jnp.float32), w, jnp.float32).astype(dtype)
+    x32 = x.astype(dtype).astype(jnp.float32)
+
+    def body(i, out):
+        # The barrier ties the weight to the iteration: XLA cannot hoist the conversion out of the loop.
+        values, scales = jax.lax.optimization_barrier((_values(w), _scales(w), i))[:2]
+        part = jax.lax.dynamic_slice_in_dim(values, i * rows, rows, 0)
+        if scales is not None:
+            part = QArray(part, jax.lax.dynamic_slice_in_dim(scales, i * per_slice, per_slice, 0))
+        return out.at[i].set(jnp.einsum("...i,oi->...o", x32, dequantize(part, jnp.float32)))
+
+    out = jax.lax.fori_loop(0, count, body, jnp.zeros((count, *x.shape[:-1], rows), jnp.float32))
+    return jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], n).astype(dtype)
+
+
+def w_itemsize(w: QArray | jax.Array) -> int:
+    return (w.values if isinstance(w, QArray) else w).dtype.itemsize
+
+
+def _values(w: QArray | jax.Array) -> jax.Array:
+    return w.values if isinstance(w, QArray) else w
+
+
+def _scales(w: QArray | jax.Array) -> jax.Array | None:
+    return w.scales if isinstance(w, QArray) else None
 
 
 # Quantizer (host side, numpy) -------------------------------------------------------------------

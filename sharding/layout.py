@@ -81,6 +81,11 @@ class MeshLayout(Layout):
                 spec[d] = None  # e.g. a batch of 1 at decode: a hint, not a requirement
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
 
+    def streams(self, x: jax.Array) -> bool:
+        """Never: a streamed product slices its weight in a loop, which on a sharded weight would
+        gather it (the base class streams only on one CPU device)."""
+        return False
+
     def experts(self, kernel: Callable) -> Callable:
         """The routed-expert kernel, run expert-parallel in shard_map (module docstring)."""
         mesh, rules = self.mesh, self.rules

@@ -6,6 +6,7 @@ scaled by how many layers run them, are compared with one whole step (`Generator
     routed experts (grouped kernel, fp8 tiles gathered and dequantized)  × MoE layers
     the same on pre-dequantized bf16 expert weights (the difference is the dequant's cost)
     shared expert, dense MLP, absorbed MLA attention, lm_head
+Dense products go through the model's layout, as in the step (on one CPU device they stream).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from kimi_jax.quant import dequantize
 from kimi_jax.bench.timing import median_seconds
 
 
-
-
 def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) -> dict[str, float]:
     """Seconds per decode step spent in each part (dispatch subtracted), the sum, and the measured step."""
     from kimi_jax.model import init_cache
@@ -40,9 +39,10 @@ def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) 
 
     noop = jax.jit(lambda a: a + 1)
     routed = jax.jit(lambda x, w, i, e: routed_experts(x, w, i, *e, backend="grouped"))
-    mlp = jax.jit(lambda x, g, u, d: swiglu(x, g, u, d))
-    head = jax.jit(lambda x, w: jnp.einsum("bd,vd->bv", x, w.astype(dt), preferred_element_type=jnp.float32))
-    mla = MLA(cfg, True)
+    layout = model.generator.layout
+    mlp = jax.jit(lambda x, g, u, d: swiglu(x, g, u, d, layout.linear))
+    head = jax.jit(lambda x, w: layout.logits(x, w, dt))
+    mla = MLA(cfg, True, layout)
     cache = LatentCache(jnp.zeros((batch, context, cfg.kv_lora_rank), dt),
                         jnp.zeros((batch, context, cfg.qk_rope_head_dim), dt))
     positions = jnp.full((batch, 1), context // 2, jnp.int32)
