@@ -38,8 +38,9 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(PY) scripts/bench.py $(ARGS)
 
-# Train the tiny chat model with MuonClip into kimi_jax/assets/tiny_chat (work in progress: the recipe
-# does not yet reach the held-out tool-call targets, so no trained model ships and the default stays random).
+# Train the tiny chat model with MuonClip into kimi_jax/assets/tiny_chat (~30 min on 2 cores). Work in
+# progress: the recipe reaches 39% held-out tool calls (target 90%) and 98% answers from a tool result,
+# so no trained model ships and the default stays random.
 train-tiny: $(STAMP)
 	$(PY) scripts/train_tiny.py $(ARGS)
 

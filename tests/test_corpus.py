@@ -1,6 +1,7 @@
 """The generated chat corpus: determinism, the Kimi tool-call format, held-out split, tokenizer, loss mask."""
 
 import functools
+import itertools
 import json
 
 import numpy as np
@@ -118,3 +119,36 @@ def test_batches_pad_by_bucket():
     again = corpus.batches(examples, 1024, (128, 256, 512), tok.pad_id, seed=0)
     first = next(corpus.batches(examples, 1024, (128, 256, 512), tok.pad_id, seed=0))
     np.testing.assert_array_equal(next(again).tokens, first.tokens)
+
+
+def test_loss_weights_assistant_context_and_padding():
+    tok = _tokenizer()
+    examples = corpus.encode_corpus(tok, _conversations()[:3], max_len=512)
+    b = corpus.pad_batch(examples, 512, tok.pad_id, context_weight=0.3)
+    assert b.mask.dtype == np.float32
+    for row, (ids, m) in enumerate(examples):
+        np.testing.assert_array_equal(b.mask[row, : len(ids)], np.where(m, 1.0, np.float32(0.3)))
+        assert not b.mask[row, len(ids):].any()
+    default = corpus.pad_batch(examples, 512, tok.pad_id)  # context_weight 0: assistant tokens only
+    for row, (ids, m) in enumerate(examples):
+        np.testing.assert_array_equal(default.mask[row, : len(ids)], m.astype(np.float32))
+
+
+def test_copy_conversations_are_multi_turn_copies():
+    convs = corpus.generate_copy_conversations(50, seed=4)
+    assert convs == corpus.generate_copy_conversations(50, seed=4)
+    for c in convs:
+        turns = c["messages"]
+        assert 6 <= len(turns) <= 10 and [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+    echoes = [(q["content"], a["content"]) for c in convs for q, a in zip(c["messages"][::2], c["messages"][1::2])
+              if any(q["content"] == ask.format(text=a["content"]) for ask in corpus.ECHO_ASKS)]
+    assert len(echoes) > 100  # most turns echo their text exactly
+    corpus.check_heldout_unseen(convs)
+
+
+def test_interleave_puts_every_nth_batch_from_the_extra_stream():
+    from kimi_jax.train.trainer import _interleave
+
+    out = list(itertools.islice(_interleave(iter(range(100)), iter("abcdef"), 3), 9))
+    assert out == [0, 1, "a", 2, 3, "b", 4, 5, "c"]
+    assert list(itertools.islice(_interleave(iter(range(5)), iter("x"), 0), 5)) == [0, 1, 2, 3, 4]

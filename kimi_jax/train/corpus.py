@@ -60,17 +60,21 @@ HELDOUT_CITIES = (
     "Quebec City", "Guadalajara", "Medellín", "Cusco", "Valparaíso", "Rosario", "Salvador", "Malmö",
 )
 
-# Made-up city names (syllables, sometimes two words) so that the model learns to copy any name
-# into the tool call, not to recall a list.
-_SYLLABLES = ("ka", "lo", "ma", "ri", "ven", "to", "sa", "bel", "dor", "mi", "an", "ter", "vil", "nor", "ga",
-              "zu", "pel", "ar", "os", "lin", "qua", "bra", "fe", "hol", "ix", "cor", "tan", "wen", "ju", "ry")
-_SECOND_WORDS = ("Bay", "Springs", "Harbor", "Falls", "Heights", "Port", "Valley", "Ridge")
+# Made-up city names, random letters in consonant-vowel syllables, so that the model learns to copy
+# any name into the tool call rather than recall a list (or a small syllable inventory: a name made
+# of a few known syllables can be guessed, one of random letters only copied).
+_VOWELS = "aeiouy"
+_CONSONANTS = "bcdfghjklmnpqrstvwxz"
+_SECOND_WORDS = ("Bay", "Springs", "Harbor", "Falls", "Heights", "Port", "Valley", "Ridge", "City")
 
 
 def synthetic_city(rng: random.Random) -> str:
-    """A pronounceable made-up name: 2–4 syllables, capitalised, sometimes a second word."""
-    name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
-    return f"{name} {rng.choice(_SECOND_WORDS)}" if rng.random() < 0.15 else name
+    """A made-up name of 2–4 random syllables (C?V C?), capitalised, sometimes with a second word."""
+    name = "".join(rng.choice(_CONSONANTS) * (rng.random() < 0.85) + rng.choice(_VOWELS)
+                   + rng.choice(_CONSONANTS) * (rng.random() < 0.3) for _ in range(rng.randint(2, 4)))
+    name = name.capitalize()
+    name = f"{name} {rng.choice(_SECOND_WORDS)}" if rng.random() < 0.15 else name
+    return synthetic_city(rng) if any(city in name for city in HELDOUT_CITIES) else name
 
 
 # Phrasings ---------------------------------------------------------------------------------------
@@ -270,14 +274,9 @@ def plain_conversation(rng: random.Random) -> Conversation:
     token by token (an induction head) much sooner when copies are frequent in its data.
     """
     kind = rng.choices(("intro", "capital", "fact", "arithmetic", "greet", "echo", "name"),
-                       weights=(20, 20, 10, 20, 5, 25, 10))[0]
-    if kind == "echo":
-        phrase = " ".join(rng.choice((_city(rng), str(rng.randint(0, 999)), rng.choice(CONDITIONS)))
-                          for _ in range(rng.randint(1, 4)))
-        q, a = rng.choice(ECHO_ASKS).format(text=phrase), phrase
-    elif kind == "name":
-        name = synthetic_city(rng).split()[0]
-        q, a = rng.choice(NAME_INTROS).format(name=name), rng.choice(NAME_REPLIES).format(name=name)
+                       weights=(12, 12, 8, 13, 5, 40, 10))[0]
+    if kind in ("echo", "name"):
+        q, a = copy_turn(rng, kind)
     elif kind == "intro":
         q, a = rng.choice(INTRO_ASKS), rng.choice(INTRO_ANSWERS)
     elif kind == "capital":
@@ -303,10 +302,41 @@ def plain_conversation(rng: random.Random) -> Conversation:
     return {"messages": messages, "tools": tool_set(rng, []) if rng.random() < 0.3 else None}
 
 
-def generate_conversations(n: int, seed: int = 0, tool_fraction: float = 0.6) -> list[Conversation]:
+def copy_turn(rng: random.Random, kind: str) -> tuple[str, str]:
+    """(question, answer) of a copying exchange: "echo" repeats 1–3 names, numbers or conditions;
+    "name" greets the user by a made-up name."""
+    if kind == "echo":
+        phrase = " ".join(rng.choice((_city(rng), _city(rng), str(rng.randint(0, 999)), rng.choice(CONDITIONS)))
+                          for _ in range(rng.randint(1, 3)))
+        return rng.choice(ECHO_ASKS).format(text=phrase), phrase
+    name = synthetic_city(rng).split()[0]
+    return rng.choice(NAME_INTROS).format(name=name), rng.choice(NAME_REPLIES).format(name=name)
+
+
+def generate_conversations(n: int, seed: int = 0, tool_fraction: float = 0.55) -> list[Conversation]:
     """`n` training conversations, deterministic from `seed`; `tool_fraction` of them use tools."""
     rng = random.Random(seed)
     return [tool_conversation(rng) if rng.random() < tool_fraction else plain_conversation(rng) for _ in range(n)]
+
+
+def generate_copy_conversations(n: int, seed: int = 0) -> list[Conversation]:
+    """`n` copying conversations of 3–5 turns (mostly echo, some greet-by-name), for the copy phase.
+
+    A tiny model trained on the chat mix alone learns to copy slowly: the copies are a small part
+    of its loss, and it can lower the rest without them. Copying first forms the heads that the
+    tool calls then reuse; several copy turns per conversation put ~3x more copied tokens in a
+    batch than one turn after a system prompt (measured: held-out name copying at 43% of tokens
+    after 400 steps, against 25%).
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.randint(3, 5)):
+            q, a = copy_turn(rng, "echo" if rng.random() < 0.8 else "name")
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        out.append({"messages": messages, "tools": None})
+    return out
 
 
 def check_heldout_unseen(conversations: Sequence[Conversation]) -> None:
@@ -420,28 +450,33 @@ def encode_corpus(tokenizer, conversations: Sequence[Conversation],
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """Right-padded rows: tokens, positions (−1 on padding) and loss mask, all [B, T]."""
+    """Right-padded rows: tokens, positions (−1 on padding) and loss weights (float32), all [B, T]."""
 
     tokens: np.ndarray
     positions: np.ndarray
     mask: np.ndarray
 
 
-def pad_batch(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> Batch:
-    """Stack examples into a `Batch` of `length` columns."""
+def pad_batch(examples: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int,
+              context_weight: float = 0.0) -> Batch:
+    """Stack examples into a `Batch` of `length` columns.
+
+    The loss weight is 1 on assistant tokens, `context_weight` on every other real token (system,
+    user and tool text, headers) and 0 on padding.
+    """
     b = len(examples)
     tokens = np.full((b, length), pad_id, np.int32)
     positions = np.full((b, length), -1, np.int32)
-    mask = np.zeros((b, length), bool)
+    mask = np.zeros((b, length), np.float32)
     for row, (ids, m) in enumerate(examples):
         tokens[row, : len(ids)] = ids
         positions[row, : len(ids)] = np.arange(len(ids))
-        mask[row, : len(ids)] = m
+        mask[row, : len(ids)] = np.where(m, 1.0, context_weight)
     return Batch(tokens, positions, mask)
 
 
 def batches(examples: Sequence[tuple[np.ndarray, np.ndarray]], tokens_per_batch: int, buckets: Sequence[int],
-            pad_id: int, seed: int = 0) -> Iterator[Batch]:
+            pad_id: int, seed: int = 0, context_weight: float = 0.0) -> Iterator[Batch]:
     """Endless shuffled batches; each batch holds examples of one length bucket, padded to it.
 
     A bucket of length L gets tokens_per_batch // L rows, so every step costs about the same and
@@ -466,4 +501,4 @@ def batches(examples: Sequence[tuple[np.ndarray, np.ndarray]], tokens_per_batch:
             raise ValueError("no bucket holds a full batch: lower tokens_per_batch or add examples")
         for k in rng.permutation(len(plan)):
             length, rows = plan[k]
-            yield pad_batch([examples[i] for i in rows], length, pad_id)
+            yield pad_batch([examples[i] for i in rows], length, pad_id, context_weight)

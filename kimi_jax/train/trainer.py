@@ -11,7 +11,7 @@ interceptor watches each MLA and MoE call and sows into the "intermediates" coll
 
 The layer scan stacks both along the layer axis. One training step is then
 
-    loss, grads   = next-token cross-entropy on assistant tokens only (corpus mask)
+    loss, grads   = next-token cross-entropy, weighted: assistant tokens 1, the rest `context_weight`
     params        = MuonClip update (Muon for matrices, AdamW for the rest)
     params        = QK-Clip with the step's S_max      (heads over τ rescaled)
     router bias  += γ · sign(mean load − load)          (auxiliary-loss-free balancing)
@@ -20,6 +20,7 @@ The layer scan stacks both along the layer axis. One training step is then
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -50,13 +51,21 @@ def tiny_chat_config(vocab_size: int, bos_token_id: int | None = None, eos_token
                      **overrides) -> Config:
     """The Kimi-K2 architecture at toy size, unquantized for training.
 
-    MLA (4 heads, q/kv latents of 64, nope 32 + rope 16, v 32), a dense first layer, then MoE layers
-    with 8 routed experts (top-2, noaux_tc sigmoid routing) and a shared expert; Kimi-K2's YaRN
-    rotary settings and routed scaling factor.
+    Hidden 128, 3 layers: MLA (4 heads, q/kv latents of 64, nope 32 + rope 32, v 32), a dense first
+    layer (MLP 384), then two MoE layers with 8 routed experts of width 64 (top-2, noaux_tc sigmoid
+    routing) and a shared expert of the same width; Kimi-K2's YaRN settings and routed scaling
+    factor. `overrides` replace any of these sizes.
+
+    The rotary part is as wide as the no-position part and uses DeepSeek-V3's base 10000 rather
+    than Kimi-K2's 50000: copying an unseen name token by token needs a head that attends to
+    exactly the previous token, and with 16 rotary dims at base 50000 only ~4 frequencies are
+    fast enough to tell position t−1 from t−2 (measured: copying held-out names in a short
+    context reached 66% after 600 steps against 48%).
     """
-    sizes = dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=3,
+    sizes = dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=3,
                  first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64,
-                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2)
+                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
+                 rope_theta=10000.0)
     return dataclasses.replace(TINY_KIMI, vocab_size=vocab_size, rope_scaling=KIMI_K2.rope_scaling,
                                max_position_embeddings=4096, weight_block_size=None, bos_token_id=bos_token_id,
                                eos_token_id=eos_token_id, name="kimi-jax-tiny-chat", **{**sizes, **overrides})
@@ -102,7 +111,8 @@ class DenseExpertsLayout(Layout):
     Training needs a reverse-differentiable kernel. The CPU "grouped" kernel skips unused tiles with
     a dynamic-trip-count loop, which reverse mode cannot differentiate; "ragged" differentiates but
     is a masked dense product on CPU. With 8 experts the plain loop is the fastest of the three
-    (measured: ~1.4 s per 4096-token step against ~1.7 s and ~2.3 s).
+    (measured on 2 busy CPU cores, 4096-token steps: ~1.4 s against ~1.7 s for a differentiable
+    variant of "grouped" and ~2.3 s for "ragged").
     """
 
     def experts(self, kernel):
@@ -269,14 +279,27 @@ def checkpoint_bytes(directory: str | Path) -> int:
 # The whole recipe --------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Everything that defines the shipped tiny chat model: corpus, tokenizer, batching, optimisation."""
+    """Everything that defines the shipped tiny chat model: corpus, tokenizer, batching, optimisation.
+
+    Two phases: `copy_steps` steps on multi-turn copying conversations alone, then the chat mix
+    with every `copy_every`-th batch a copying one. Copying an unseen city name into a tool call is
+    what a tiny model learns last. Held-out figures (44 cities, greedy), 3500 steps on 2 CPU cores:
+    this recipe 39% well-formed calls with the right city and 98% answers from the tool result
+    (28 min); a single-turn copy warm-up of 600 steps with assistant-only loss gave 0-8% and
+    58-83% (12 cases); 2000 copy steps then every 2nd batch copying, 25% and 100%. Non-assistant
+    tokens are trained with weight `context_weight`, which is what lifted the answers.
+    """
 
     conversations: int = 24000
+    copy_conversations: int = 8000  # the copy phase's corpus (corpus.generate_copy_conversations)
+    copy_steps: int = 1500  # steps on copying alone before the chat mix
+    copy_every: int = 4  # then every copy_every-th batch is a copying batch, so that copying keeps improving
+    context_weight: float = 0.3  # loss weight of non-assistant tokens (assistant tokens: 1)
     corpus_seed: int = 0
-    vocab_size: int = 1536
-    buckets: tuple[int, ...] = (128, 256, 384, 512)  # padded lengths; longer conversations are dropped
-    tokens_per_batch: int = 4096
-    train: TrainConfig = TrainConfig()
+    vocab_size: int = 1024  # small, so that every piece of a name is frequent enough to be copied
+    buckets: tuple[int, ...] = (64, 128, 256, 384, 512)  # padded lengths; longer conversations are dropped
+    tokens_per_batch: int = 3072
+    train: TrainConfig = TrainConfig(steps=3500, log_every=100)  # ~28 min on 2 CPU cores
 
 
 def train_tiny_chat(out_dir: str | Path, recipe: Recipe = Recipe(), log: Callable[[str], None] = print,
@@ -286,7 +309,7 @@ def train_tiny_chat(out_dir: str | Path, recipe: Recipe = Recipe(), log: Callabl
     Returns (and writes to `out_dir/training.json`) the recipe, timings, losses and eval figures;
     the evaluation runs on the checkpoint as written, loaded back with `kimi_jax.load`.
     """
-    from kimi_jax.engine import load
+    from kimi_jax.engine import Model, load
     from kimi_jax.tokenizer import SentencePieceTokenizer
     from kimi_jax.train import corpus, evaluate
 
@@ -302,14 +325,24 @@ def train_tiny_chat(out_dir: str | Path, recipe: Recipe = Recipe(), log: Callabl
 
     cfg = tiny_chat_config(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     params = init_params(cfg, recipe.train.seed)
-    batches = corpus.batches(examples, recipe.tokens_per_batch, recipe.buckets, tokenizer.pad_id,
-                             recipe.train.seed)
+    copies = corpus.encode_corpus(tokenizer, corpus.generate_copy_conversations(
+        recipe.copy_conversations, recipe.corpus_seed + 1), max(recipe.buckets))
+    copying = corpus.batches(copies, recipe.tokens_per_batch, recipe.buckets, tokenizer.pad_id, recipe.train.seed,
+                             recipe.context_weight)
+    chat = corpus.batches(examples, recipe.tokens_per_batch, recipe.buckets, tokenizer.pad_id, recipe.train.seed,
+                          recipe.context_weight)
+    batches = itertools.chain(itertools.islice(copying, recipe.copy_steps),
+                              _interleave(chat, copying, recipe.copy_every))
     params, history = train(cfg, recipe.train, params, batches, log)
     train_seconds = history[-1]["seconds"]
 
+    cases = corpus.heldout_weather_cases(eval_cases)
+    trained = Model(cfg, jax.tree.map(jnp.asarray, params), dtype="float32", tokenizer=tokenizer)
+    report_f32 = evaluate.evaluate(trained, tokenizer, cases)
+    log(f"eval (float32 weights): {_figures(report_f32)}")
     out_dir = save_tiny_chat(params, cfg, tokenizer_model, out_dir)
-    model = load(out_dir, dtype="float32")
-    report = evaluate.evaluate(model, model.tokenizer, corpus.heldout_weather_cases(eval_cases))
+    model = load(out_dir, dtype="float32")  # the shipped block-fp8 checkpoint, as a user loads it
+    report = evaluate.evaluate(model, model.tokenizer, cases)
     window = history[-recipe.train.log_every:]
     summary = {
         "recipe": dataclasses.asdict(recipe),
@@ -322,9 +355,20 @@ def train_tiny_chat(out_dir: str | Path, recipe: Recipe = Recipe(), log: Callabl
         "loss_curve": [(r["step"], round(r["loss"], 4), round(r["max_logit"], 2)) for r in history
                        if r["step"] % recipe.train.log_every == 0],
         "checkpoint_bytes": checkpoint_bytes(out_dir),
-        "eval": {k: v for k, v in report.items() if k != "failures"},
+        "eval": _figures(report),
+        "eval_float32": _figures(report_f32),
         "eval_failures": report["failures"],
     }
     (out_dir / "training.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     log(f"eval: {summary['eval']}; checkpoint {summary['checkpoint_bytes'] / 1e6:.2f} MB in {out_dir}")
     return summary
+
+
+def _interleave(main: Iterator[Batch], extra: Iterator[Batch], every: int) -> Iterator[Batch]:
+    """`main`'s batches with one of `extra`'s in place of every `every`-th (never, if every <= 0)."""
+    for i in itertools.count(1):
+        yield next(extra) if every > 0 and i % every == 0 else next(main)
+
+
+def _figures(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "failures"}
