@@ -135,13 +135,13 @@ def streamed_linear(x: jax.Array, w: QArray | jax.Array, dtype=None,
     if len(w.shape) != 2 or n % unit:
         return linear(x, w, dtype)
     blocks = n // unit
-    per_slice = max(1, min(blocks, slice_bytes // max(unit * k * w_itemsize(w), 1)))
+    per_slice = max(1, min(blocks, slice_bytes // (unit * k * _values(w).dtype.itemsize)))
     while blocks % per_slice:  # equal slices for the loop
         per_slice -= 1
     count, rows = blocks // per_slice, per_slice * unit
+    x32 = x.astype(dtype).astype(jnp.float32)  # x rounded to the compute dtype, as `linear` does
     if count == 1:
-        return linear(x.astype(jnp.float32), w, jnp.float32).astype(dtype)
-    x32 = x.astype(dtype).astype(jnp.float32)
+        return linear(x32, w, jnp.float32).astype(dtype)
 
     def body(i, out):
         # The barrier ties the weight to the iteration: XLA cannot hoist the conversion out of the loop.
@@ -153,10 +153,6 @@ def streamed_linear(x: jax.Array, w: QArray | jax.Array, dtype=None,
 
     out = jax.lax.fori_loop(0, count, body, jnp.zeros((count, *x.shape[:-1], rows), jnp.float32))
     return jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], n).astype(dtype)
-
-
-def w_itemsize(w: QArray | jax.Array) -> int:
-    return (w.values if isinstance(w, QArray) else w).dtype.itemsize
 
 
 def _values(w: QArray | jax.Array) -> jax.Array:
