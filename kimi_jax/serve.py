@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from kimi_jax import distributed
+from kimi_jax.tool_calls import partial_marker_len
 
 EPILOG = """\
 examples:
@@ -154,7 +155,7 @@ class Server:
                     index, stop = hit
                     yield Piece(held[:index], "stop", stop, len(tokens))
                     return
-                keep = 0 if finished else _partial_stop_len(held, stops)
+                keep = 0 if finished else partial_marker_len(held, stops)
                 text, held = held[:len(held) - keep], held[len(held) - keep:]
                 yield Piece(text, reason, None, len(tokens))
         finally:
@@ -204,17 +205,6 @@ class Server:
 def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
     found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
     return min(found) if found else None
-
-
-def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
-    """Longest suffix of text that begins some stop string (held back until it resolves)."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 def sse(data: Any, event: str | None = None) -> str:

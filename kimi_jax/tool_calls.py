@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -110,8 +111,9 @@ def _parse_call(body: str) -> tuple[str, str, str] | None:
     return call_id, match["name"], arguments
 
 
-def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of one of `markers`."""
+def partial_marker_len(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `markers`: text a
+    stream must hold back until it knows whether a marker (or a stop string) starts there."""
     longest = 0
     for marker in markers:
         for n in range(min(len(marker) - 1, len(text)), longest, -1):
@@ -182,7 +184,7 @@ class ToolCallStreamParser:
         found = [(i, m) for m in markers if (i := self._pending.find(m)) >= 0]
         if not found:
             # No whole marker: consume all but a possible marker prefix (all when final).
-            keep = 0 if final else _partial_marker_len(self._pending, markers)
+            keep = 0 if final else partial_marker_len(self._pending, markers)
             text, self._pending = self._pending[: len(self._pending) - keep], self._pending[
                 len(self._pending) - keep :
             ]
