@@ -38,9 +38,8 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(PY) scripts/bench.py $(ARGS)
 
-# Train the tiny chat model with MuonClip into kimi_jax/assets/tiny_chat (~30 min on 2 cores). Work in
-# progress: the recipe reaches 39% held-out tool calls (target 90%) and 98% answers from a tool result,
-# so no trained model ships and the default stays random.
+# Rebuild the embedded tiny chat model (kimi_jax/assets/tiny_chat) with MuonClip, seeded (~27 min on 2
+# cores); it prints loss, max attention logit and the held-out evaluation, and writes training.json.
 train-tiny: $(STAMP)
 	$(PY) scripts/train_tiny.py $(ARGS)
 

@@ -1,6 +1,6 @@
 """Train the embedded tiny chat model with MuonClip and write it, block-fp8, to kimi_jax/assets/tiny_chat.
 
-    make train-tiny                       # the current recipe (~30 min; 39% held-out tool calls, target 90%)
+    make train-tiny                       # the shipped recipe (~27 min on 2 cores)
     python scripts/train_tiny.py --steps 50 --out /tmp/tiny_chat     # a quick look
 
 Corpus, tokenizer, training and the held-out evaluation all live in `kimi_jax.train`; the run is a

@@ -142,7 +142,14 @@ def test_copy_conversations_are_multi_turn_copies():
         assert 6 <= len(turns) <= 10 and [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
     echoes = [(q["content"], a["content"]) for c in convs for q, a in zip(c["messages"][::2], c["messages"][1::2])
               if any(q["content"] == ask.format(text=a["content"]) for ask in corpus.ECHO_ASKS)]
-    assert len(echoes) > 100  # most turns echo their text exactly
+    assert len(echoes) > 60  # half the turns echo their text exactly
+    frames = [ask.split("{sentence}") for ask in corpus.SPOT_ASKS]
+    spots = [(q["content"], a["content"]) for c in convs for q, a in zip(c["messages"][::2], c["messages"][1::2])
+             if any(q["content"].startswith(head) and q["content"].endswith(tail) for head, tail in frames)]
+    assert len(spots) > 30  # others pick the city out of a sentence
+    for question, city in spots:  # lowercase words follow the city: the answer stops where the name does
+        after = question.split(city, 1)[1]
+        assert after[0] == " " and after[1].islower()
     corpus.check_heldout_unseen(convs)
 
 
@@ -152,3 +159,40 @@ def test_interleave_puts_every_nth_batch_from_the_extra_stream():
     out = list(itertools.islice(_interleave(iter(range(100)), iter("abcdef"), 3), 9))
     assert out == [0, 1, "a", 2, 3, "b", 4, 5, "c"]
     assert list(itertools.islice(_interleave(iter(range(5)), iter("x"), 0), 5)) == [0, 1, 2, 3, 4]
+
+
+def test_synthetic_cities_look_like_real_names_and_never_a_heldout_one():
+    import random
+
+    rng = random.Random(0)
+    names = [corpus.synthetic_city(rng) for _ in range(3000)]
+    assert len(set(names)) > 2500  # made up, not drawn from a short list
+    assert not any(city in name for name in names for city in corpus.HELDOUT_CITIES)
+    assert not set(names) & set(corpus.TRAIN_CITIES)
+    assert all(name[0].isupper() and name.replace(" ", "").isalpha() for name in names)
+    # The shapes of the held-out names occur: accented letters, two words, opening consonant clusters.
+    assert sum(any(ch in corpus._ACCENTED for ch in name) for name in names) > 50
+    assert sum(" " in name for name in names) > 300
+    assert sum(name[:2].lower() in corpus._CLUSTERS for name in names) > 300
+
+
+def test_weather_asks_vary_the_words_around_the_city():
+    import random
+
+    rng = random.Random(0)
+    asks = {corpus.weather_ask(rng) for _ in range(2000)}
+    assert len(asks) > 500 and all(ask.count("{city}") == 1 for ask in asks)
+    assert sum(not ask.split("{city}")[1].strip(" ?.!") == "" for ask in asks) > 200  # words after the city
+    heldout_prefixes = [a.split("{city}")[0] for a in corpus.HELDOUT_WEATHER_ASKS]
+    assert not any(ask.startswith(prefix) for ask in asks for prefix in heldout_prefixes)
+
+
+def test_tool_conversations_use_the_model_card_tool_and_result_shape():
+    convs = _conversations()
+    tools = [t for c in convs if c["tools"] for t in c["tools"]]
+    assert corpus.CARD_WEATHER_TOOL in tools and corpus.WEATHER_TOOL in tools
+    brief = [(c["messages"][i]["content"], c["messages"][i + 1]["content"]) for c in convs
+             for i, m in enumerate(c["messages"]) if m["role"] == "tool" and '"weather"' in m["content"]]
+    assert len(brief) > 20
+    for result, answer in brief:
+        assert json.loads(result)["weather"].lower() in answer

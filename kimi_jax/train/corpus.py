@@ -3,10 +3,13 @@
 Nothing is downloaded: conversations are drawn from the tables below with a seeded `random.Random`,
 so the same seed gives the same corpus, byte for byte. Four kinds of conversation:
 
-  * tool use: tools are declared, the user asks for the weather (or the time) in a city, the
-    assistant answers with a Kimi tool call `functions.get_weather:IDX` whose JSON arguments name
-    the city, a `tool` message returns the result, and the assistant answers from it; some go on
-    for a second city, a thank-you, or open with a greeting;
+  * tool use: tools are declared (ours, or the model card's `get_weather` declaration), the user
+    asks for the weather (or the time) in a city, the assistant answers with a Kimi tool call
+    `functions.get_weather:IDX` whose JSON arguments name the city, a `tool` message returns the
+    result (a full report, or the model card's `{"weather": "Sunny"}`), and the assistant answers
+    from it; some go on for a second city, a thank-you, or open with a greeting or a system prompt.
+    Half the cities are made up (`synthetic_city`), so that the call copies the city rather than
+    recalls it;
   * self-introductions ("Who are you?");
   * short facts (capitals, everyday numbers);
   * small arithmetic.
@@ -60,21 +63,74 @@ HELDOUT_CITIES = (
     "Quebec City", "Guadalajara", "Medellín", "Cusco", "Valparaíso", "Rosario", "Salvador", "Malmö",
 )
 
-# Made-up city names, random letters in consonant-vowel syllables, so that the model learns to copy
-# any name into the tool call rather than recall a list (or a small syllable inventory: a name made
-# of a few known syllables can be guessed, one of random letters only copied).
-_VOWELS = "aeiouy"
-_CONSONANTS = "bcdfghjklmnpqrstvwxz"
-_SECOND_WORDS = ("Bay", "Springs", "Harbor", "Falls", "Heights", "Port", "Valley", "Ridge", "City")
+# Made-up city names, so that the model learns to copy any name into the tool call rather than recall
+# a list. Three sources, each covering what the others miss: random syllables (any letters, consonant
+# clusters, now and then an accented vowel: a piece that only real names hold would otherwise never be
+# copied in training), names drawn letter by letter from the training cities' letter statistics (they
+# look like real names), and multi-word names ("San ...", "... City").
+_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "x", "z")
+_CLUSTERS = ("br", "bl", "ch", "cl", "cr", "dr", "fr", "gd", "gl", "gr", "kr", "ph", "pl", "pr", "qu", "sh", "sk",
+             "sl", "sp", "st", "th", "tr", "ts", "zh", "")  # "": a syllable that opens with its vowel
+_VOWELS = ("a", "e", "i", "o", "u", "y")
+_DIGRAPHS = ("ai", "au", "ea", "ei", "ie", "oo", "ou")
+_ACCENTED = ("á", "é", "í", "ó", "ú", "à", "è", "ä", "ö", "ü", "å", "ø", "ñ", "ç", "ã")
+_CODAS = ("b", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "ck", "ll", "ng", "nd", "nt", "rg", "rk", "rn", "rt",
+          "sk", "st", "tt", "x", "z")
+_FIRST_WORDS = ("San", "Santa", "New", "Port", "Saint", "El", "La", "Da", "Ho", "Lake", "Mount")
+_SECOND_WORDS = ("Bay", "Springs", "Harbor", "Falls", "Heights", "Port", "Valley", "Ridge", "City", "Beach")
+
+
+def _syllable_name(rng: random.Random) -> str:
+    name = ""
+    for _ in range(rng.choices((1, 2, 3), weights=(15, 50, 35))[0]):
+        onset = rng.choice(_CLUSTERS) if rng.random() < 0.25 else rng.choice(_ONSETS)
+        if rng.random() < 0.06:
+            vowel = rng.choice(_ACCENTED)
+        else:
+            vowel = rng.choice(_VOWELS if rng.random() < 0.8 else _VOWELS + _DIGRAPHS)
+        name += onset + vowel + (rng.choice(_CODAS) if rng.random() < 0.35 else "")
+    return name.capitalize() if len(name) >= 3 else _syllable_name(rng)
+
+
+def _letter_model() -> dict[str, list[str]]:
+    """Order-2 letter transitions of the training cities' words ("^" opens a word, "$" ends it)."""
+    model: dict[str, list[str]] = {}
+    for word in " ".join(TRAIN_CITIES).split():
+        padded = "^^" + word.lower() + "$"
+        for i in range(2, len(padded)):
+            model.setdefault(padded[i - 2: i], []).append(padded[i])
+    return model
+
+
+_LETTERS = _letter_model()
+
+
+def _markov_name(rng: random.Random) -> str:
+    while True:
+        name, state = "", "^^"
+        while len(name) < 14:
+            nxt = rng.choice(_LETTERS[state])
+            if nxt == "$":
+                break
+            name, state = name + nxt, state[1] + nxt
+        if len(name) >= 3:
+            return name.capitalize()
 
 
 def synthetic_city(rng: random.Random) -> str:
-    """A made-up name of 2–4 random syllables (C?V C?), capitalised, sometimes with a second word."""
-    name = "".join(rng.choice(_CONSONANTS) * (rng.random() < 0.85) + rng.choice(_VOWELS)
-                   + rng.choice(_CONSONANTS) * (rng.random() < 0.3) for _ in range(rng.randint(2, 4)))
-    name = name.capitalize()
-    name = f"{name} {rng.choice(_SECOND_WORDS)}" if rng.random() < 0.15 else name
-    return synthetic_city(rng) if any(city in name for city in HELDOUT_CITIES) else name
+    """A made-up city name: a random-syllable or a letter-statistics word, sometimes two words."""
+    word = _syllable_name if rng.random() < 0.5 else _markov_name
+    name = word(rng)
+    shape = rng.random()
+    if shape < 0.05:
+        name = f"{name} {rng.choice(_SECOND_WORDS)}"
+    elif shape < 0.1:
+        name = f"{rng.choice(_FIRST_WORDS)} {name}"
+    elif shape < 0.18:  # two made-up words: no second word is likely enough to be guessed
+        name = f"{name} {word(rng)}"
+    if any(city in name for city in HELDOUT_CITIES) or name in TRAIN_CITIES:
+        return synthetic_city(rng)
+    return name
 
 
 # Phrasings ---------------------------------------------------------------------------------------
@@ -89,6 +145,45 @@ WEATHER_ASKS = (
     "what is the weather in {city} now", "Is it raining in {city}?", "I'm going to {city} today. Is it warm?",
     "Weather for {city}, please.", "{city}: what's the weather?", "Tell me about the weather for {city} today.",
 )
+# Composed asks: an opener, a question, words after the city, an ending; or a sentence that names the
+# city followed by a question about "there". Words after the city teach where a name ends (a capital
+# letter goes on, a lowercase word does not: some trailing words are made up, so that no list of
+# them is learnt); the combinations teach that the wording around a city does not matter.
+ASK_OPENERS = ("", "", "Hi! ", "Hey, ", "Quick question: ", "Please ", "Hello. ", "So ", "Okay, ", "Sorry, ")
+ASK_CORES = ("what's the weather in {city}", "how's the weather in {city}", "check the weather in {city}",
+             "look up the weather for {city}", "is it windy in {city}", "get me the forecast for {city}",
+             "how hot is it in {city}", "what's it like in {city}", "tell me if it's raining in {city}",
+             "find the weather in {city}", "weather in {city}", "the weather for {city}",
+             "is it snowing in {city}", "how cold is {city}", "what is the sky doing over {city}",
+             "how's it looking in {city}", "what are the skies like in {city}", "is it freezing in {city}",
+             "what's happening with the weather in {city}", "can you see what it's like in {city}")
+ASK_TRAILERS = ("right now", "today", "tonight", "this morning", "this afternoon", "this evening", "this weekend",
+                "now", "please", "later today", "when I land", "before I go out", "next week", "on Friday",
+                "for the match", "for my run", "this week", "for a picnic", "around noon", "by the coast",
+                "downtown", "these days", "overnight", "in the morning", "after lunch", "for cycling",
+                "before my flight", "for the weekend", "so far", "lately", "on Sunday", "this evening or not")
+ASK_ENDINGS = ("?", "?", ".", "", "!")
+CONTEXT_SENTENCES = ("I'm visiting {city}", "My sister lives in {city}", "I have a meeting in {city}",
+                     "We are driving to {city}", "I just landed in {city}", "My train arrives in {city}",
+                     "I'm heading over to {city}", "We're spending the day in {city}")
+THERE_QUESTIONS = ("What's the weather there?", "Is it warm there?", "How is the weather there?",
+                   "Do I need a coat there?", "Will it rain there?", "What's it like there right now?")
+
+
+def weather_ask(rng: random.Random) -> str:
+    """A training phrasing of a weather question, with `{city}` to fill: a fixed one or a composed one."""
+    kind = rng.random()
+    if kind < 0.4:
+        return rng.choice(WEATHER_ASKS)
+    trailer = ""
+    if rng.random() < 0.6:
+        trailer = " " + (_syllable_name(rng).lower() if rng.random() < 0.2 else rng.choice(ASK_TRAILERS))
+    if kind < 0.8:
+        text = rng.choice(ASK_OPENERS) + rng.choice(ASK_CORES) + trailer + rng.choice(ASK_ENDINGS)
+        return text[0].upper() + text[1:] if rng.random() < 0.7 else text
+    return f"{rng.choice(CONTEXT_SENTENCES)}{trailer}. {rng.choice(THERE_QUESTIONS)}"
+
+
 HELDOUT_WEATHER_ASKS = (
     "Could you find out what the weather is doing in {city}?",
     "I'm flying to {city} tomorrow. How is the weather there now?",
@@ -107,6 +202,8 @@ WEATHER_ANSWERS = (
     "{city} is {condition} at the moment, with a temperature of {temp}°C.",
     "In {city} it is {temp}°C and {condition}. The humidity is {humidity}%.",
 )
+BRIEF_WEATHER_ANSWERS = ("The weather in {city} is {condition} today.", "It's {condition} in {city} right now.",
+                         "Right now it is {condition} in {city}.", "{city} is {condition} today.")
 CONDITIONS = ("sunny", "cloudy", "partly cloudy", "light rain", "heavy rain", "snowing", "foggy", "windy",
               "clear", "thunderstorms")
 TIME_ASKS = ("What time is it in {city}?", "What's the local time in {city}?", "Tell me the time in {city}.",
@@ -120,6 +217,14 @@ THANKS_REPLIES = ("You're welcome!", "You're welcome! Let me know if you need an
                   "Glad I could help!")
 ECHO_ASKS = ("Repeat after me: {text}", "Say exactly this: {text}", "Echo: {text}", "Please repeat: {text}",
              "Copy this text: {text}")
+SPOT_SENTENCES = ("I met a friend in {city}", "The train to {city} leaves", "We lived in {city}",
+                  "Our office in {city} opens", "She moved to {city}", "They came back from {city}",
+                  "The museum in {city} is closed", "My cousin studies in {city}", "The bus from {city} is late",
+                  "There is a concert in {city}")
+SPOT_TRAILERS = ("yesterday", "at noon", "on Monday", "soon", "every summer", "for two years", "again", "early",
+                 "last night", "with my family")
+SPOT_ASKS = ("Which city is in this sentence? {sentence}", "{sentence} Which city did I mention?",
+             "Name the place: {sentence}", "Find the city name in: {sentence}")
 NAME_INTROS = ("Hi, my name is {name}.", "Hello! I'm {name}.", "My name is {name}, nice to meet you.",
                "Call me {name}.")
 NAME_REPLIES = ("Nice to meet you, {name}! How can I help you today?", "Hello {name}! What can I do for you?",
@@ -134,7 +239,8 @@ INTRO_ANSWERS = (
     "simple math and checking the weather.",
     "I am Kimi, an AI assistant from Moonshot AI, not a human. How can I help you today?",
 )
-SYSTEM_PROMPTS = (None, None, None, "You are a helpful assistant.", "You are Kimi, a concise assistant.")
+SYSTEM_PROMPTS = (None, None, None, "You are a helpful assistant.", "You are Kimi, a concise assistant.",
+                  "You are Kimi, an AI assistant created by Moonshot AI.")  # the last: the model card's
 
 CAPITALS = (  # the capitals are training cities
     ("France", "Paris"), ("the United Kingdom", "London"), ("Germany", "Berlin"), ("Spain", "Madrid"),
@@ -181,6 +287,9 @@ TIME_TOOL = _tool("get_time", "Get the local time in a city.", {"city": "City na
 SEARCH_TOOL = _tool("search_web", "Search the web.", {"query": "Search query"}, ["query"])
 CURRENCY_TOOL = _tool("convert_currency", "Convert an amount of money.",
                       {"amount": "Amount", "from": "Currency code", "to": "Currency code"}, ["amount", "from", "to"])
+# The model card's declaration of the same tool ("Tool Calling" in the release README).
+CARD_WEATHER_TOOL = _tool("get_weather", "Retrieve current weather information. Call this when the user asks about "
+                          "the weather.", {"city": "Name of the city"}, ["city"])
 TOOLS = {t["function"]["name"]: t for t in (WEATHER_TOOL, TIME_TOOL, SEARCH_TOOL, CURRENCY_TOOL)}
 
 
@@ -201,8 +310,11 @@ class Weather:
     temp: int
     condition: str
     humidity: int
+    brief: bool = False  # the model card's shape, {"weather": "Sunny"}: the condition alone
 
     def to_json(self) -> str:
+        if self.brief:
+            return json.dumps({"weather": self.condition.capitalize()}, ensure_ascii=False)
         return json.dumps({"city": self.city, "temperature_c": self.temp, "condition": self.condition,
                            "humidity": self.humidity}, ensure_ascii=False)
 
@@ -218,10 +330,11 @@ def tool_call_message(name: str, index: int, arguments: dict[str, Any]) -> dict[
     return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
-def weather_turns(rng: random.Random, ask: str, city: str, index: int) -> list[dict[str, Any]]:
+def weather_turns(rng: random.Random, ask: str, city: str, index: int, brief: bool = False) -> list[dict[str, Any]]:
     """user ask -> assistant get_weather call -> tool result -> assistant answer from the result."""
-    w = random_weather(rng, city)
-    answer = rng.choice(WEATHER_ANSWERS).format(city=city, temp=w.temp, condition=w.condition, humidity=w.humidity)
+    w = dataclasses.replace(random_weather(rng, city), brief=brief)
+    answer = rng.choice(BRIEF_WEATHER_ANSWERS if brief else WEATHER_ANSWERS).format(
+        city=city, temp=w.temp, condition=w.condition, humidity=w.humidity)
     return [{"role": "user", "content": ask.format(city=city)},
             tool_call_message("get_weather", index, {"city": city}),
             {"role": "tool", "tool_call_id": f"functions.get_weather:{index}", "content": w.to_json()},
@@ -245,37 +358,45 @@ def _city(rng: random.Random) -> str:
 def tool_conversation(rng: random.Random) -> Conversation:
     """A tool-use conversation of one of several shapes; call ids count calls across the conversation."""
     shape = rng.choices(("weather", "greet", "second_city", "thanks", "time", "weather_then_time"),
-                        weights=(40, 10, 15, 10, 12, 8))[0]
+                        weights=(30, 10, 25, 10, 12, 8))[0]
     city = _city(rng)
-    messages: list[dict[str, Any]] = []
+    system = rng.choice(SYSTEM_PROMPTS)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     if shape == "greet":
         messages += [{"role": "user", "content": rng.choice(GREETINGS)},
                      {"role": "assistant", "content": rng.choice(GREETING_REPLIES)}]
     if shape == "time":
         messages += time_turns(rng, city, 0)
     else:
-        messages += weather_turns(rng, rng.choice(WEATHER_ASKS), city, 0)
+        ask = weather_ask(rng) + (" Use the tool to check." if rng.random() < 0.1 else "")
+        messages += weather_turns(rng, ask, city, 0, brief=rng.random() < 0.25)
     if shape == "second_city":
-        messages += weather_turns(rng, rng.choice(FOLLOW_UP_ASKS), _city(rng), 1)
+        # A follow-up ("And in X?") or a whole new question: the second call's index is 1, and the
+        # conversation above holds "functions.get_weather:0" twice (the call, and the result's header).
+        ask = rng.choice(FOLLOW_UP_ASKS) if rng.random() < 0.5 else weather_ask(rng)
+        messages += weather_turns(rng, ask, _city(rng), 1, brief=rng.random() < 0.25)
     elif shape == "thanks":
         messages += [{"role": "user", "content": rng.choice(THANKS)},
                      {"role": "assistant", "content": rng.choice(THANKS_REPLIES)}]
     elif shape == "weather_then_time":
         messages += time_turns(rng, city, 1)
     needed = {"time": ["get_time"], "weather_then_time": ["get_weather", "get_time"]}.get(shape, ["get_weather"])
-    return {"messages": messages, "tools": tool_set(rng, needed)}
+    tools = tool_set(rng, needed)
+    if rng.random() < 0.3:
+        tools = [CARD_WEATHER_TOOL if t is WEATHER_TOOL else t for t in tools]
+    return {"messages": messages, "tools": tools}
 
 
 def plain_conversation(rng: random.Random) -> Conversation:
-    """A self-introduction, a fact, a sum, or copying (echo a phrase, greet a user by name);
-    sometimes with tools declared that it does not need.
+    """A self-introduction, a fact, a sum, or copying (echo a phrase, spot a city in a sentence, greet a
+    user by name); sometimes with tools declared that it does not need.
 
     The copying turns are there for the tool calls: a tiny model learns to copy an unseen name
     token by token (an induction head) much sooner when copies are frequent in its data.
     """
-    kind = rng.choices(("intro", "capital", "fact", "arithmetic", "greet", "echo", "name"),
-                       weights=(12, 12, 8, 13, 5, 40, 10))[0]
-    if kind in ("echo", "name"):
+    kind = rng.choices(("intro", "capital", "fact", "arithmetic", "greet", "echo", "spot", "name"),
+                       weights=(12, 12, 8, 13, 5, 25, 15, 10))[0]
+    if kind in ("echo", "spot", "name"):
         q, a = copy_turn(rng, kind)
     elif kind == "intro":
         q, a = rng.choice(INTRO_ASKS), rng.choice(INTRO_ANSWERS)
@@ -304,7 +425,13 @@ def plain_conversation(rng: random.Random) -> Conversation:
 
 def copy_turn(rng: random.Random, kind: str) -> tuple[str, str]:
     """(question, answer) of a copying exchange: "echo" repeats 1–3 names, numbers or conditions;
-    "name" greets the user by a made-up name."""
+    "spot" picks the city out of a sentence where lowercase words follow it (where a name ends is
+    what a tool call's arguments get wrong most); "name" greets the user by a made-up name."""
+    if kind == "spot":
+        city = _city(rng)
+        trailer = _syllable_name(rng).lower() if rng.random() < 0.2 else rng.choice(ASK_TRAILERS + SPOT_TRAILERS)
+        sentence = f"{rng.choice(SPOT_SENTENCES).format(city=city)} {trailer}."
+        return rng.choice(SPOT_ASKS).format(sentence=sentence), city
     if kind == "echo":
         phrase = " ".join(rng.choice((_city(rng), _city(rng), str(rng.randint(0, 999)), rng.choice(CONDITIONS)))
                           for _ in range(rng.randint(1, 3)))
@@ -333,7 +460,7 @@ def generate_copy_conversations(n: int, seed: int = 0) -> list[Conversation]:
     for _ in range(n):
         messages = []
         for _ in range(rng.randint(3, 5)):
-            q, a = copy_turn(rng, "echo" if rng.random() < 0.8 else "name")
+            q, a = copy_turn(rng, rng.choices(("echo", "spot", "name"), weights=(50, 30, 20))[0])
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         out.append({"messages": messages, "tools": None})
     return out
