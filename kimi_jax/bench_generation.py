@@ -88,11 +88,11 @@ def ttft_in_fresh_process(checkpoint: Path | None, compile_cache: Path, dtype: s
 
 def child_ttft(checkpoint: str, dtype: str) -> dict:
     """In a fresh process: load, then time one prompt's first token (tracing + compile or cache load + run)."""
-    from kimi_jax.default_model import load_default
+    from kimi_jax.default_model import random_checkpoint
     from kimi_jax.engine import load
 
     t0 = time.perf_counter()
-    model = load(checkpoint, dtype=dtype) if checkpoint else load_default(dtype=dtype)
+    model = load(checkpoint or random_checkpoint(), dtype=dtype)
     t1 = time.perf_counter()
     next(iter(model.stream(list(range(1, 17)), max_new_tokens=2, temperature=0)))
     return {"load_s": t1 - t0, "ttft_s": time.perf_counter() - t1}
@@ -147,13 +147,13 @@ def machine() -> str:
 
 
 def run_all(models: dict[str, Path | None], dtype: str, reps: int, new_tokens: int) -> dict:
-    """All figures for each named checkpoint (None: the embedded default)."""
-    from kimi_jax.default_model import load_default
+    """All figures for each named checkpoint (None: the random-weight TINY_KIMI checkpoint)."""
+    from kimi_jax.default_model import random_checkpoint
     from kimi_jax.engine import load
 
     results = {}
     for name, path in models.items():
-        model = load(path, dtype=dtype) if path else load_default(dtype=dtype)
+        model = load(path or random_checkpoint(), dtype=dtype)
         rows = [decode_figures(model, b, new_tokens=new_tokens, reps=reps) for b in (1, 8)]
         rows.append(decode_figures(model, 1, new_tokens=new_tokens, reps=reps, steps_per_call=1))
         results[name] = {"config": describe(model.config), "decode": rows, **ttft_figures(path, dtype, reps),

@@ -1,14 +1,17 @@
-"""Command line: `python -m kimi_jax.generate` continues a prompt and streams the text.
+"""Command line: `python -m kimi_jax.generate` continues a prompt, or holds a chat turn, and streams the text.
 
-With no arguments it loads the embedded default (a tiny Kimi-K2-architecture model with random
-weights, so the text is noise; see kimi_jax/default_model.py), continues a default prompt
-greedily (temperature 0, so the run is reproducible) and streams the text to stdout, with a
-one-line summary on stderr. `--json` prints one JSON object instead.
+With no prompt it runs a short demo conversation, greedily (temperature 0, so the run is
+reproducible): a question, then a weather question with the model card's `get_weather` tool
+declared; the model's tool call is answered by a local stand-in for the tool, and the model
+answers from its result. Without `--checkpoint` the model is the embedded tiny chat model
+(kimi_jax/default_model.py). Text streams to stdout, a one-line summary goes to stderr;
+`--json` prints one JSON object instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +21,8 @@ from kimi_jax import distributed
 
 EPILOG = """\
 examples:
-  python -m kimi_jax.generate                                  # embedded default, greedy
+  python -m kimi_jax.generate                                  # embedded tiny model: the demo conversation
+  python -m kimi_jax.generate --chat "What is 7 * 8?"
   python -m kimi_jax.generate --checkpoint /ckpt/Kimi-K2-Instruct --chat "Hello!"
   python -m kimi_jax.generate --prompt-ids "1 2 3" --max-new-tokens 8 --json
 """
@@ -29,21 +33,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="PATH",
                    help="Hugging Face checkpoint directory (config.json, safetensors shards, tiktoken.model); "
-                        "default: the embedded tiny model with random weights")
+                        "default: the embedded tiny chat model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="raw text to continue (no chat template)")
     src.add_argument("--chat", metavar="TEXT", help="one user turn, formatted with the chat template; "
                                                     "generation stops at the end of the assistant turn")
     src.add_argument("--prompt-ids", metavar="IDS", help='token ids to continue, e.g. "1 2 3"')
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="at most N new tokens (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
+                   help="at most N new tokens (per assistant turn; default 96)")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="0 = greedy; default 0.6 (the model card's), or 0 when no prompt is given")
+                   help="0 = greedy; default 0.6 (the model card's), or 0 for the demo (no prompt given)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--mesh", metavar="SPEC",
                    help="device mesh to shard over, e.g. 'data=1,expert=4,tensor=2' (sizes multiply to the devices)")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 (default) or float32")
+    p.add_argument("--dtype", help="compute dtype: bfloat16 (the default with --checkpoint) or float32 (the "
+                                   "default for the embedded model, which is small enough that it costs nothing)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, ...) instead of streaming text")
     distributed.add_arguments(p)
@@ -52,8 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _prompt_ids(args, model) -> tuple[list[int], bool]:
     """The prompt as token ids, and whether it is a chat turn."""
-    from kimi_jax.default_model import DEFAULT_PROMPT
-
     if args.prompt_ids is not None:
         try:
             ids = [int(x) for x in args.prompt_ids.replace(",", " ").split()]
@@ -64,7 +68,114 @@ def _prompt_ids(args, model) -> tuple[list[int], bool]:
         raise ValueError(f"{args.checkpoint} has no tokenizer (tiktoken.model); pass --prompt-ids instead")
     if args.chat is not None:
         return model.tokenizer.apply_chat_template([{"role": "user", "content": args.chat}]), True
-    return model.tokenizer.encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT), False
+    return model.tokenizer.encode(args.prompt), False
+
+
+DEMO_QUESTION = "Who are you?"
+DEMO_WEATHER_QUESTION = "What's the weather like in Paris today?"
+DEMO_TOOL_ROUNDS = 3  # a model that keeps calling tools is cut off after this many rounds
+
+
+def demo_get_weather(city: str) -> dict:
+    """The demo's stand-in for a weather service: a fixed report for any city."""
+    return {"city": city, "temperature_c": 18, "condition": "partly cloudy", "humidity": 60}
+
+
+def _demo_tool(call: dict) -> dict:
+    """Run one of the model's tool calls with the demo's tools; a call it cannot run gets an error result."""
+    if call["function"]["name"] != "get_weather":
+        return {"error": f"unknown tool {call['function']['name']!r}"}
+    try:
+        return demo_get_weather(**json.loads(call["function"]["arguments"]))
+    except (ValueError, TypeError) as e:
+        return {"error": f"bad arguments for get_weather: {e}"}
+
+
+@dataclasses.dataclass
+class Turn:
+    """One generated reply: its tokens, text (tool-call markers included) and timings."""
+
+    tokens: list[int]
+    text: str
+    seconds: float
+    first_token_s: float
+
+    @property
+    def decode_tokens(self) -> int:
+        return max(len(self.tokens) - 1, 0)
+
+
+def _generate(model, ids: list[int], args, temperature: float, echo: bool) -> Turn:
+    """Stream one reply; with `echo`, write its text to stdout as it comes, up to any tool-call section."""
+    section = getattr(model.tokenizer, "special_ids", {}).get("<|tool_calls_section_begin|>")
+    start, first_at = time.perf_counter(), None
+    tokens, pieces = [], []
+    for piece in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                              top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+        first_at = first_at or time.perf_counter()
+        echo = echo and piece.token_id != section
+        tokens.append(piece.token_id)
+        pieces.append(piece.text)
+        if echo:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+    end = time.perf_counter()
+    return Turn(tokens, "".join(pieces), end - start, (first_at or end) - start)
+
+
+def _rate(turns: list[Turn]) -> float:
+    decode_s = sum(t.seconds - t.first_token_s for t in turns)
+    return sum(t.decode_tokens for t in turns) / decode_s if decode_s > 0 else float("nan")
+
+
+def _summary(turns: list[Turn]) -> str:
+    return (f"[kimi_jax] {sum(len(t.tokens) for t in turns)} tokens in {sum(t.seconds for t in turns):.2f} s: "
+            f"time to first token {turns[0].first_token_s:.3f} s, decode {_rate(turns):.1f} tokens/s")
+
+
+def run_demo(model, args, temperature: float) -> int:
+    """Two conversations: a question; a weather question whose tool calls `demo_get_weather` answers."""
+    from kimi_jax.tool_calls import parse_tool_calls
+    from kimi_jax.train.corpus import CARD_WEATHER_TOOL
+
+    if model.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer (tiktoken.model) for the demo conversation; "
+                         "pass --prompt-ids instead")
+    tools = [CARD_WEATHER_TOOL]
+    conversations = [([{"role": "user", "content": DEMO_QUESTION}], None),
+                     ([{"role": "user", "content": DEMO_WEATHER_QUESTION}], tools)]
+    turns: list[Turn] = []
+    for messages, declared in conversations:
+        if not args.json:
+            print(f"user: {messages[-1]['content']}")
+        for _ in range(DEMO_TOOL_ROUNDS + 1):
+            if not args.json:
+                print("assistant: ", end="", flush=True)
+            turn = _generate(model, model.tokenizer.apply_chat_template(messages, declared), args, temperature,
+                             echo=not args.json)
+            turns.append(turn)
+            content, calls = parse_tool_calls(turn.text)
+            messages.append({"role": "assistant", "content": content or "", **({"tool_calls": calls} if calls else {})})
+            if not args.json:
+                shown = " ".join(f"[tool call] {c['function']['name']}({c['function']['arguments']})" for c in calls)
+                print((" " if content and shown else "") + shown)
+            if not calls or turn.tokens[-1] not in model.stop_ids:
+                break
+            for call in calls:
+                result = json.dumps(_demo_tool(call), ensure_ascii=False)
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+                if not args.json:
+                    print(f"tool: {result}")
+    if args.json:
+        print(json.dumps({"conversations": [m for m, _ in conversations], "temperature": temperature,
+                          "token_ids": [t.tokens for t in turns], "tools": tools,
+                          "time_to_first_token_s": round(turns[0].first_token_s, 4),
+                          "decode_tokens_per_s": round(_rate(turns), 2),
+                          "checkpoint": args.checkpoint or "embedded tiny chat model"}, ensure_ascii=False))
+    else:
+        sys.stdout.flush()
+        print(_summary(turns), file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,43 +191,30 @@ def run(args: argparse.Namespace) -> int:
         if not info.is_main:
             sys.stdout = open(os.devnull, "w")
     if args.checkpoint:
-        model = kimi_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
+        model = kimi_jax.load(args.checkpoint, dtype=args.dtype or "bfloat16", mesh=args.mesh)
     else:
-        model = load_default(dtype=args.dtype, mesh=args.mesh)
-    ids, is_chat = _prompt_ids(args, model)
+        model = load_default(dtype=args.dtype or "float32", mesh=args.mesh)
     no_prompt = args.prompt is None and args.chat is None and args.prompt_ids is None
     temperature = args.temperature if args.temperature is not None else (0.0 if no_prompt else 0.6)
-    if not args.checkpoint and not args.json:
-        print("[kimi_jax] embedded default model: random weights, so the text is noise", file=sys.stderr)
+    if no_prompt:
+        return run_demo(model, args, temperature)
 
-    start = time.perf_counter()
-    tokens, pieces, first_at = [], [], None
-    for piece in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                              top_p=args.top_p, top_k=args.top_k, seed=args.seed):
-        first_at = first_at or time.perf_counter()
-        tokens.append(piece.token_id)
-        pieces.append(piece.text)
-        if not args.json:
-            sys.stdout.write(piece.text)
-            sys.stdout.flush()
-    end = time.perf_counter()
-    ttft = first_at - start
-    decode_rate = (len(tokens) - 1) / (end - first_at) if len(tokens) > 1 and end > first_at else float("nan")
-    text = "".join(pieces)
+    ids, is_chat = _prompt_ids(args, model)
+    turn = _generate(model, ids, args, temperature, echo=not args.json)
     if args.json:
-        out = {"token_ids": tokens, "text": text, "prompt_ids": ids,
-               "finish_reason": "stop" if tokens and tokens[-1] in model.stop_ids else "length",
-               "temperature": temperature, "time_to_first_token_s": round(ttft, 4),
-               "decode_tokens_per_s": round(decode_rate, 2), "checkpoint": args.checkpoint or "embedded default"}
+        out = {"token_ids": turn.tokens, "text": turn.text, "prompt_ids": ids,
+               "finish_reason": "stop" if turn.tokens and turn.tokens[-1] in model.stop_ids else "length",
+               "temperature": temperature, "time_to_first_token_s": round(turn.first_token_s, 4),
+               "decode_tokens_per_s": round(_rate([turn]), 2),
+               "checkpoint": args.checkpoint or "embedded tiny chat model"}
         if is_chat:
             from kimi_jax.tool_calls import parse_tool_calls
 
-            out["content"], out["tool_calls"] = parse_tool_calls(text)
+            out["content"], out["tool_calls"] = parse_tool_calls(turn.text)
         print(json.dumps(out, ensure_ascii=False))
     else:
         print()
-        print(f"[kimi_jax] {len(tokens)} tokens in {end - start:.2f} s: time to first token {ttft:.3f} s, "
-              f"decode {decode_rate:.1f} tokens/s", file=sys.stderr)
+        print(_summary([turn]), file=sys.stderr)
     return 0
 
 

@@ -28,7 +28,7 @@ from kimi_jax.tool_calls import partial_marker_len
 
 EPILOG = """\
 examples:
-  python -m kimi_jax.serve                                   # embedded default model on 127.0.0.1:8000
+  python -m kimi_jax.serve                                   # embedded tiny chat model on 127.0.0.1:8000
   python -m kimi_jax.serve --checkpoint /ckpt/Kimi-K2-Instruct --mesh data=1,expert=8 --port 8000
   python -m kimi_jax.serve --api-key sk-local --max-batch 32 --max-context 8192
 """
@@ -345,11 +345,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kimi_jax.serve", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="Hugging Face checkpoint directory; default: the embedded tiny model (random weights)")
+                   help="Hugging Face checkpoint directory; default: the embedded tiny chat model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh to shard over, e.g. 'data=1,expert=8'")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 (default) or float32")
+    p.add_argument("--dtype", help="compute dtype: bfloat16 (the default with --checkpoint) or float32 (the "
+                                   "default for the embedded model)")
     p.add_argument("--served-model-name", default="kimi-k2-instruct", metavar="NAME",
                    help="the model name clients must send (default kimi-k2-instruct)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or x-api-key); "
@@ -376,9 +377,9 @@ def build_server(args: argparse.Namespace, script=None) -> Server:
     if args.max_batch < 1 or args.max_context < 2:
         raise ValueError("--max-batch must be ≥ 1 and --max-context ≥ 2")
     if args.checkpoint:
-        model = kimi_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
+        model = kimi_jax.load(args.checkpoint, dtype=args.dtype or "bfloat16", mesh=args.mesh)
     else:
-        model = load_default(dtype=args.dtype, mesh=args.mesh)
+        model = load_default(dtype=args.dtype or "float32", mesh=args.mesh)
     scheduler = Scheduler(model.generator, max_batch=args.max_batch, max_context=args.max_context,
                           max_queue=args.max_queue, max_prefill=args.max_prefill,
                           steps_per_call=args.steps_per_call, script=script).start()
@@ -403,7 +404,8 @@ def main(argv=None) -> int:
         return 1
     server = build_server(args)
     if not args.checkpoint:
-        print("[kimi_jax] embedded default model: random weights, so the text is noise", file=sys.stderr)
+        print("[kimi_jax] embedded tiny chat model: it introduces itself, answers a few facts and sums and calls "
+              "a get_weather tool, nothing more; pass --checkpoint for a real model", file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
     server.scheduler.stop()
     return 0

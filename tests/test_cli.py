@@ -10,16 +10,15 @@ import pytest
 
 from kimi_jax import generate as cli
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.default_model import BPE_RANKS
 from kimi_jax.generation import cache_root
-from kimi_jax.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS
+from kimi_jax.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """The default model goes to a fresh directory; compiled programs to the usual cache (fast reruns)."""
+    """A fresh cache directory; compiled programs go to the usual cache (fast reruns)."""
     env = dict(os.environ)
     env.setdefault("KIMI_JAX_COMPILE_CACHE", str(cache_root() / "xla"))
     env["KIMI_JAX_CACHE"] = str(tmp_path_factory.mktemp("kimi_jax_home"))
@@ -35,28 +34,41 @@ def run(env, *args, check=True):
     return proc
 
 
-def test_default_model_json_and_stream(env):
-    """No prompt: the embedded default continues its default prompt greedily, the same way twice."""
-    out = json.loads(run(env, "--json", "--max-new-tokens", "8").stdout)
-    tokens = out["token_ids"]
-    assert 1 <= len(tokens) <= 8 and out["temperature"] == 0.0
-    assert isinstance(out["text"], str) and out["prompt_ids"]
-    assert out["finish_reason"] == ("length" if len(tokens) == 8 else "stop")
+def test_demo_conversation_json_and_stream(env):
+    """No prompt: the embedded tiny chat model answers, calls get_weather, and answers from the result."""
+    out = json.loads(run(env, "--json").stdout)
+    assert out["temperature"] == 0.0 and out["checkpoint"] == "embedded tiny chat model"
+    intro, weather = out["conversations"]
+    assert [m["role"] for m in intro] == ["user", "assistant"] and "Kimi" in intro[1]["content"]
+    assert [m["role"] for m in weather] == ["user", "assistant", "tool", "assistant"]
+    call, = weather[1]["tool_calls"]
+    assert call["id"] == "functions.get_weather:0" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert json.loads(weather[2]["content"]) == cli.demo_get_weather("Paris")
+    assert "18" in weather[3]["content"] and "partly cloudy" in weather[3]["content"]
+    assert len(out["token_ids"]) == 3 and out["decode_tokens_per_s"] > 0
 
-    streamed = run(env, "--max-new-tokens", "8")
-    assert streamed.stdout == out["text"] + "\n"  # greedy: the same text, streamed
+    streamed = run(env)  # greedy: the same conversation, streamed as text
+    assert streamed.stdout.splitlines() == [
+        f"user: {cli.DEMO_QUESTION}", f"assistant: {intro[1]['content']}",
+        f"user: {cli.DEMO_WEATHER_QUESTION}", 'assistant: [tool call] get_weather({"city": "Paris"})',
+        f"tool: {weather[2]['content']}", f"assistant: {weather[3]['content']}"]
     summary = streamed.stderr.strip().splitlines()[-1]
-    assert f"{len(tokens)} tokens" in summary and "time to first token" in summary and "tokens/s" in summary
-    assert "random weights" in streamed.stderr
+    tokens = sum(map(len, out["token_ids"]))
+    assert f"{tokens} tokens" in summary and "time to first token" in summary and "tokens/s" in summary
 
 
 def test_chat_json(env):
-    """--chat goes through the chat template and reports the parsed reply (noise, from random weights)."""
+    """--chat goes through the chat template, samples at the model card's 0.6 unless told, reports the parsed reply."""
+    from kimi_jax.default_model import TINY_CHAT
+
     out = json.loads(run(env, "--chat", "What is the capital of France?", "--max-new-tokens", "4", "--json").stdout)
     assert out["temperature"] == 0.6 and len(out["token_ids"]) <= 4
-    assert out["tool_calls"] == [] and (out["content"] or "") == out["text"]
-    im_middle = BPE_RANKS + KIMI_SPECIAL_TOKEN_OFFSETS["<|im_middle|>"]
+    im_middle = load_tokenizer(TINY_CHAT).special_ids["<|im_middle|>"]
     assert out["prompt_ids"][-1] == im_middle  # the assistant turn is open
+    out = json.loads(run(env, "--chat", "What is the capital of France?", "--temperature", "0", "--json").stdout)
+    assert out["finish_reason"] == "stop" and out["tool_calls"] == []
+    assert out["content"] == out["text"] and "Paris" in out["content"]
 
 
 def test_checkpoint_json_matches_transformers(env, hub_checkpoint):

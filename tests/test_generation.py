@@ -21,10 +21,10 @@ def kimi(hub_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def default_dir(tmp_path_factory):
-    from kimi_jax.default_model import default_checkpoint
+def random_dir(tmp_path_factory):
+    from kimi_jax.default_model import random_checkpoint
 
-    return default_checkpoint(tmp_path_factory.mktemp("kimi_jax_cache"))
+    return random_checkpoint(tmp_path_factory.mktemp("kimi_jax_cache"))
 
 
 def _rel(a, b):
@@ -167,15 +167,15 @@ class Canned:
         return [generation.Completion(list(self.tokens), "stop")]
 
 
-def test_stream_and_chat(kimi, default_dir):
+def test_stream_and_chat(kimi, random_dir):
     """Streaming yields generate's tokens; text pieces never split a character; chat parses tool calls."""
-    from kimi_jax.default_model import default_config
+    from kimi_jax.default_model import random_config
 
     ids = [p.token_id for p in kimi.stream(PROMPTS[0], max_new_tokens=6, temperature=0)]
     assert ids == kimi.generate([PROMPTS[0]], max_new_tokens=6, temperature=0)[0]
 
-    tok = kimi_jax.load_tokenizer(default_dir)
-    model = kimi_jax.Model(default_config(), {}, dtype="float32", tokenizer=tok)
+    tok = kimi_jax.load_tokenizer(random_dir)
+    model = kimi_jax.Model(random_config(), {}, dtype="float32", tokenizer=tok)
     text = "Grüße, 世界!"  # multi-byte characters, split over byte-level tokens
     model.__dict__["generator"] = Canned(model.config, tok.encode(text) + [tok.im_end_id])
     pieces = list(model.stream("Hello", max_new_tokens=100))
@@ -206,12 +206,12 @@ def test_sharded_decode_equals_unsharded(kimi, hub_checkpoint):
     assert tuple(spec)[:2] == (None, "data")
 
 
-def test_default_model_is_a_hub_checkpoint(default_dir):
-    from kimi_jax.default_model import BPE_RANKS, default_checkpoint, default_config
+def test_random_model_is_a_hub_checkpoint(random_dir):
+    from kimi_jax.default_model import BPE_RANKS, random_checkpoint, random_config
     from kimi_jax.quant import QArray
 
-    path = default_dir
-    assert default_checkpoint(path.parent) == path  # written once, then found
+    path = random_dir
+    assert random_checkpoint(path.parent) == path  # written once, then found
     names = sorted(p.name for p in path.iterdir())
     assert names == ["config.json", "model-1-of-2.safetensors", "model-2-of-2.safetensors",
                      "model.safetensors.index.json", "tiktoken.model"]
@@ -219,4 +219,4 @@ def test_default_model_is_a_hub_checkpoint(default_dir):
     assert model.tokenizer.vocab_size == model.config.vocab_size == BPE_RANKS + 256
     assert model.config == kimi_jax.Config.from_json(path) and model.config.quantized
     assert isinstance(model.params["moe_layers"]["ffn"]["experts_gate"], QArray)
-    assert default_config().num_hidden_layers == TINY_KIMI.num_hidden_layers
+    assert random_config().num_hidden_layers == TINY_KIMI.num_hidden_layers

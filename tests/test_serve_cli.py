@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,16 +14,20 @@ import pytest
 
 import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
 
+from serve_util import tool_call_with_client  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cli_serves_with_key():
+@pytest.fixture(scope="module")
+def served():
+    """`python -m kimi_jax.serve` with an API key, on a free port, serving the embedded tiny chat model."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), "--api-key", "sk-cli",
-                             "--max-batch", "2", "--max-context", "128", "--served-model-name", "kimi-test"],
+                             "--max-batch", "2", "--max-context", "512", "--served-model-name", "kimi-test"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -37,15 +42,31 @@ def test_cli_serves_with_key():
                 log = proc.stdout.read() if proc.poll() is not None else ""
                 raise AssertionError(f"server did not come up:\n{log}")
             time.sleep(0.3)
-        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
-        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-cli"}, timeout=10).json()
-        assert [m["id"] for m in models["data"]] == ["kimi-test"]
-        r = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer sk-cli"}, timeout=120,
-                       json={"model": "kimi-test", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_serves_with_key(served):
+    url = served
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-cli"}, timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["kimi-test"]
+    r = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer sk-cli"}, timeout=120,
+                   json={"model": "kimi-test", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_model_card_tool_loop_with_the_embedded_model(served):
+    """The trained tiny model, not a script: it calls get_weather for Beijing, then answers from the result."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="sk-cli", max_retries=0, timeout=120)
+    rounds, choice = tool_call_with_client(client, "kimi-test")
+    assert [[(c.id, c.function.name, json.loads(c.function.arguments)) for c in calls] for calls in rounds] == [
+        [("functions.get_weather:0", "get_weather", {"city": "Beijing"})]]
+    assert choice.finish_reason == "stop" and "sunny" in choice.message.content.lower()
 
 
 def test_cli_help_lists_flags():
