@@ -105,9 +105,10 @@ class Turn:
         return max(len(self.tokens) - 1, 0)
 
 
-def _generate(model, ids: list[int], args, temperature: float, echo: bool) -> Turn:
-    """Stream one reply; with `echo`, write its text to stdout as it comes, up to any tool-call section."""
-    section = getattr(model.tokenizer, "special_ids", {}).get("<|tool_calls_section_begin|>")
+def _generate(model, ids: list[int], args, temperature: float, echo: bool, chat: bool) -> Turn:
+    """Stream one reply; with `echo`, write its text to stdout as it comes (a chat reply up to its
+    tool-call section, which `_calls_line` shows parsed)."""
+    section = getattr(model.tokenizer, "special_ids", {}).get("<|tool_calls_section_begin|>") if chat else None
     start, first_at = time.perf_counter(), None
     tokens, pieces = [], []
     for piece in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
@@ -121,6 +122,12 @@ def _generate(model, ids: list[int], args, temperature: float, echo: bool) -> Tu
             sys.stdout.flush()
     end = time.perf_counter()
     return Turn(tokens, "".join(pieces), end - start, (first_at or end) - start)
+
+
+def _calls_line(content: str | None, calls: list[dict]) -> str:
+    """What follows a streamed chat reply on its line: its tool calls, parsed."""
+    shown = " ".join(f"[tool call] {c['function']['name']}({c['function']['arguments']})" for c in calls)
+    return (" " if content and shown else "") + shown
 
 
 def _rate(turns: list[Turn]) -> float:
@@ -152,13 +159,12 @@ def run_demo(model, args, temperature: float) -> int:
             if not args.json:
                 print("assistant: ", end="", flush=True)
             turn = _generate(model, model.tokenizer.apply_chat_template(messages, declared), args, temperature,
-                             echo=not args.json)
+                             echo=not args.json, chat=True)
             turns.append(turn)
             content, calls = parse_tool_calls(turn.text)
             messages.append({"role": "assistant", "content": content or "", **({"tool_calls": calls} if calls else {})})
             if not args.json:
-                shown = " ".join(f"[tool call] {c['function']['name']}({c['function']['arguments']})" for c in calls)
-                print((" " if content and shown else "") + shown)
+                print(_calls_line(content, calls))
             if not calls or turn.tokens[-1] not in model.stop_ids:
                 break
             for call in calls:
@@ -200,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         return run_demo(model, args, temperature)
 
     ids, is_chat = _prompt_ids(args, model)
-    turn = _generate(model, ids, args, temperature, echo=not args.json)
+    turn = _generate(model, ids, args, temperature, echo=not args.json, chat=is_chat)
     if args.json:
         out = {"token_ids": turn.tokens, "text": turn.text, "prompt_ids": ids,
                "finish_reason": "stop" if turn.tokens and turn.tokens[-1] in model.stop_ids else "length",
@@ -213,7 +219,13 @@ def run(args: argparse.Namespace) -> int:
             out["content"], out["tool_calls"] = parse_tool_calls(turn.text)
         print(json.dumps(out, ensure_ascii=False))
     else:
-        print()
+        if is_chat:
+            from kimi_jax.tool_calls import parse_tool_calls
+
+            print(_calls_line(*parse_tool_calls(turn.text)))
+        else:
+            print()
+        sys.stdout.flush()
         print(_summary([turn]), file=sys.stderr)
     return 0
 

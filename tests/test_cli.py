@@ -69,6 +69,11 @@ def test_chat_json(env):
     out = json.loads(run(env, "--chat", "What is the capital of France?", "--temperature", "0", "--json").stdout)
     assert out["finish_reason"] == "stop" and out["tool_calls"] == []
     assert out["content"] == out["text"] and "Paris" in out["content"]
+    streamed = run(env, "--chat", "What is the capital of France?", "--temperature", "0")
+    assert streamed.stdout == out["content"] + "\n"
+    # A reply that is a tool call streams as the parsed call, not as the model's marker tokens.
+    called = run(env, "--chat", "What's the weather in Oslo?", "--temperature", "0")
+    assert called.stdout == '[tool call] get_weather({"city": "Oslo"})\n'
 
 
 def test_checkpoint_json_matches_transformers(env, hub_checkpoint):
