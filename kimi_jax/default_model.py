@@ -4,8 +4,8 @@
 block-fp8 weights and their scales, model.safetensors.index.json, and a sentencepiece
 tokenizer.model with Kimi's special tokens): ~1M parameters trained on this CPU by
 `make train-tiny` (kimi_jax/train) on a generated corpus, with MuonClip. It introduces itself,
-answers a few facts and sums, and calls a `get_weather` tool for a city, then answers from the
-tool's result; it knows nothing else. `generate` and `serve` load it when no `--checkpoint` is
+answers some facts (not all rightly), and calls a `get_weather` tool for a city, then answers
+from the tool's result; it knows nothing else. `generate` and `serve` load it when no `--checkpoint` is
 given, through `kimi_jax.load`, the path a real checkpoint takes.
 
 `random_checkpoint` writes a second one for tests: the TINY_KIMI test shape (16 routed experts,

@@ -77,3 +77,11 @@ def test_heldout_tool_use_accuracy(model):
     figures = {k: v for k, v in report.items() if k != "failures"}
     for key in ("tool_call_greedy", "tool_call_sampled", "answer_greedy", "answer_sampled"):
         assert report[key] >= 0.9, (figures, report["failures"][key])
+
+
+def test_missing_embedded_model_is_a_clear_error(tmp_path, monkeypatch):
+    from kimi_jax import default_model
+
+    monkeypatch.setattr(default_model, "TINY_CHAT", tmp_path / "tiny_chat")
+    with pytest.raises(FileNotFoundError, match="make train-tiny.*--checkpoint"):
+        default_model.default_checkpoint()
