@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from kimi_jax import distributed
+from kimi_jax.runtime import distributed
 
 EPILOG = """\
 examples:
@@ -142,7 +142,7 @@ def _summary(turns: list[Turn]) -> str:
 
 def run_demo(model, args, temperature: float) -> int:
     """Two conversations: a question; a weather question whose tool calls `demo_get_weather` answers."""
-    from kimi_jax.tool_calls import parse_tool_calls
+    from kimi_jax.text.tool_calls import parse_tool_calls
     from kimi_jax.train.corpus import CARD_WEATHER_TOOL
 
     if model.tokenizer is None:
@@ -186,7 +186,7 @@ def run_demo(model, args, temperature: float) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import kimi_jax
-    from kimi_jax.default_model import load_default
+    from kimi_jax.runtime.default_model import load_default
 
     info = distributed.initialize(args)  # before any device is touched; a no-op for one process
     if info.num_processes > 1 and not args.mesh:
@@ -214,13 +214,13 @@ def run(args: argparse.Namespace) -> int:
                "decode_tokens_per_s": round(_rate([turn]), 2),
                "checkpoint": args.checkpoint or "embedded tiny chat model"}
         if is_chat:
-            from kimi_jax.tool_calls import parse_tool_calls
+            from kimi_jax.text.tool_calls import parse_tool_calls
 
             out["content"], out["tool_calls"] = parse_tool_calls(turn.text)
         print(json.dumps(out, ensure_ascii=False))
     else:
         if is_chat:
-            from kimi_jax.tool_calls import parse_tool_calls
+            from kimi_jax.text.tool_calls import parse_tool_calls
 
             print(_calls_line(*parse_tool_calls(turn.text)))
         else:

@@ -26,11 +26,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kimi_jax.checkpoint import SCALE_SUFFIX, _expected_names  # noqa: E402
+from kimi_jax.checkpoint.hf import SCALE_SUFFIX, _expected_names  # noqa: E402
 from kimi_jax.config import KIMI_K2, TINY_KIMI  # noqa: E402
-from kimi_jax.orbax_io import group_bytes, total_bytes  # noqa: E402
-from kimi_jax.safetensors_io import save_file, write_index  # noqa: E402
-from kimi_jax.weights import leaves, scale_shape  # noqa: E402
+from kimi_jax.checkpoint.orbax import group_bytes, total_bytes  # noqa: E402
+from kimi_jax.checkpoint.safetensors import save_file, write_index  # noqa: E402
+from kimi_jax.model.weights import leaves, scale_shape  # noqa: E402
 
 REAL_BYTES = 958.5e9
 SHARD_BYTES = 256 << 20

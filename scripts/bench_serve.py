@@ -22,12 +22,12 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=256, help="context of the in-process server (default 256)")
     args = p.parse_args()
 
-    from kimi_jax.bench_serve import bench, markdown_table
+    from kimi_jax.bench.serve import bench, markdown_table
 
     live = None
     url = args.url
     if url is None:
-        from kimi_jax.serve import LiveServer, build_server, create_app, parse_args
+        from kimi_jax.serve.app import LiveServer, build_server, create_app, parse_args
 
         server = build_server(parse_args(["--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
                                           "--served-model-name", args.model]))

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kimi_jax.checkpoint import Placer
+from kimi_jax.checkpoint.hf import Placer
 from kimi_jax.config import KIMI_K2, Config
-from kimi_jax.layout import Layout
-from kimi_jax.quant import QArray
-from kimi_jax.weights import Leaf, moe_specs
+from kimi_jax.model.layout import Layout
+from kimi_jax.model.quant import QArray
+from kimi_jax.model.weights import Leaf, moe_specs
 from sharding.mesh import MeshSpec, make_mesh
 from sharding.rules import (RULES, Rules, activation_sharding, cache_shardings, get_rules, leaf_sharding,
                             param_shardings, scale_spec)

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kimi_jax.config import Config
-from kimi_jax.model import init_cache
-from kimi_jax.quant import QArray
-from kimi_jax.weights import Leaf, abstract_leaf, build_tree, leaves
+from kimi_jax.model.decoder import init_cache
+from kimi_jax.model.quant import QArray
+from kimi_jax.model.weights import Leaf, abstract_leaf, build_tree, leaves
 from sharding.mesh import MeshError, MeshSpec, abstract_mesh
 
 HEAD_AXES = ("heads", "heads_qk", "heads_kv", "heads_v")  # flattened head dims split by whole heads

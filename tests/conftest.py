@@ -25,8 +25,8 @@ def hub_checkpoint(tmp_path_factory):
 
     Cached per (config name, seed) for the session; weights are N(0, 0.05) so attention is not flat.
     """
-    from kimi_jax.checkpoint import save_hf_checkpoint
-    from kimi_jax.weights import random_params
+    from kimi_jax.checkpoint.hf import save_hf_checkpoint
+    from kimi_jax.model.weights import random_params
 
     cache = {}
 

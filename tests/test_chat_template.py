@@ -10,7 +10,7 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from kimi_jax.chat_template import (
+from kimi_jax.text.chat_template import (
     normalize_tool_call_ids,
     render_chat,
     render_chat_segments,

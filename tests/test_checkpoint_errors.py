@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.checkpoint import CheckpointError
+from kimi_jax.checkpoint.hf import CheckpointError
 from kimi_jax.config import ConfigError, TINY_KIMI
-from kimi_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from kimi_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, save_file
 
 TARGET = "model.layers.1.mlp.experts.3.up_proj.weight"
 

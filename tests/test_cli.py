@@ -10,8 +10,8 @@ import pytest
 
 from kimi_jax import generate as cli
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.generation import cache_root
-from kimi_jax.tokenizer import load_tokenizer
+from kimi_jax.runtime.generation import cache_root
+from kimi_jax.text.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_demo_conversation_json_and_stream(env):
 
 def test_chat_json(env):
     """--chat goes through the chat template, samples at the model card's 0.6 unless told, reports the parsed reply."""
-    from kimi_jax.default_model import TINY_CHAT
+    from kimi_jax.runtime.default_model import TINY_CHAT
 
     out = json.loads(run(env, "--chat", "What is the capital of France?", "--max-new-tokens", "4", "--json").stdout)
     assert out["temperature"] == 0.6 and len(out["token_ids"]) <= 4
@@ -79,7 +79,7 @@ def test_chat_json(env):
 def test_checkpoint_json_matches_transformers(env, hub_checkpoint):
     import torch
 
-    from kimi_jax.hf_reference import hf_model
+    from kimi_jax.bench.oracle import hf_model
 
     path, params = hub_checkpoint(TINY_KIMI)
     out = json.loads(run(env, "--checkpoint", str(path), "--prompt-ids", "5 6 7 8", "--max-new-tokens", "6",

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from kimi_jax.attention import MLA
+from kimi_jax.model.attention import MLA
 from kimi_jax.config import KIMI_K2, TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.hf_reference import hf_config, hf_state_dict
-from kimi_jax.layers import apply_rope, rms_norm, rope_attention_factor, rope_angles, rope_inv_freq
-from kimi_jax.moe import MoE, route
-from kimi_jax.quant import QArray, dequantize, dequantize_np, quantize_block_fp8
-from kimi_jax.weights import random_params
+from kimi_jax.bench.oracle import hf_config, hf_state_dict
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_attention_factor, rope_angles, rope_inv_freq
+from kimi_jax.model.moe import MoE, route
+from kimi_jax.model.quant import QArray, dequantize, dequantize_np, quantize_block_fp8
+from kimi_jax.model.weights import random_params
 
 CONFIGS = [TINY_KIMI, TINY_DEEPSEEK]
 

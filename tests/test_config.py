@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from kimi_jax.config import DEEPSEEK_V3, KIMI_K2, TINY_DEEPSEEK, TINY_KIMI, Config, ConfigError, get_config
-from kimi_jax.weights import abstract_params, count_params, param_bytes
+from kimi_jax.model.weights import abstract_params, count_params, param_bytes
 
 from conftest import reference_file
 
@@ -77,7 +77,7 @@ def release_tensor_count(c: Config) -> int:
 
 
 def test_full_kimi_k2_parameter_count_from_eval_shape():
-    from kimi_jax.model import Transformer
+    from kimi_jax.model.decoder import Transformer
     import jax.numpy as jnp
 
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)

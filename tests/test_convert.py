@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.checkpoint import CheckpointError, save_hf_checkpoint
+from kimi_jax.checkpoint.hf import CheckpointError, save_hf_checkpoint
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.convert import convert
-from kimi_jax.orbax_io import MARKER
-from kimi_jax.quant import QArray, dequantize_np
-from kimi_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
-from kimi_jax.weights import random_params
+from kimi_jax.checkpoint.convert import convert
+from kimi_jax.checkpoint.orbax import MARKER
+from kimi_jax.model.quant import QArray, dequantize_np
+from kimi_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, save_file
+from kimi_jax.model.weights import random_params
 
 TOKENS = np.array([[3, 17, 101, 5, 250, 42, 7, 199]], np.int32)
 TARGET = "model.layers.1.mlp.experts.3.up_proj.weight"
@@ -149,7 +149,7 @@ def test_missing_group_in_orbax(converted, tmp_path):
 
 
 def test_cli_progress(hub_checkpoint, tmp_path):
-    from kimi_jax.convert import main
+    from kimi_jax.checkpoint.convert import main
 
     hf, _ = hub_checkpoint(TINY_KIMI)
     import contextlib

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from kimi_jax.chat_template import render_chat
-from kimi_jax.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS, SentencePieceTokenizer, load_tokenizer
-from kimi_jax.tool_calls import parse_tool_calls
+from kimi_jax.text.chat_template import render_chat
+from kimi_jax.text.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS, SentencePieceTokenizer, load_tokenizer
+from kimi_jax.text.tool_calls import parse_tool_calls
 from kimi_jax.train import corpus
 
 

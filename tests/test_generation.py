@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax import generation
+from kimi_jax.runtime import generation
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.model import Transformer, init_cache
+from kimi_jax.model.decoder import Transformer, init_cache
 
 # Lengths all fall in the 16-token prompt bucket, so each batch size compiles one prefill.
 PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [42, 7, 99]]
@@ -22,7 +22,7 @@ def kimi(hub_checkpoint):
 
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory):
-    from kimi_jax.default_model import random_checkpoint
+    from kimi_jax.runtime.default_model import random_checkpoint
 
     return random_checkpoint(tmp_path_factory.mktemp("kimi_jax_cache"))
 
@@ -88,7 +88,7 @@ def test_absorbed_equals_expanded_attention(kimi, teacher):
 def test_greedy_matches_transformers_generate(cfg, hub_checkpoint, kimi):
     import torch
 
-    from kimi_jax.hf_reference import hf_model
+    from kimi_jax.bench.oracle import hf_model
 
     path, params = hub_checkpoint(cfg)
     model = kimi if cfg is TINY_KIMI else kimi_jax.load(path, dtype="float32")
@@ -169,7 +169,7 @@ class Canned:
 
 def test_stream_and_chat(kimi, random_dir):
     """Streaming yields generate's tokens; text pieces never split a character; chat parses tool calls."""
-    from kimi_jax.default_model import random_config
+    from kimi_jax.runtime.default_model import random_config
 
     ids = [p.token_id for p in kimi.stream(PROMPTS[0], max_new_tokens=6, temperature=0)]
     assert ids == kimi.generate([PROMPTS[0]], max_new_tokens=6, temperature=0)[0]
@@ -207,8 +207,8 @@ def test_sharded_decode_equals_unsharded(kimi, hub_checkpoint):
 
 
 def test_random_model_is_a_hub_checkpoint(random_dir):
-    from kimi_jax.default_model import BPE_RANKS, random_checkpoint, random_config
-    from kimi_jax.quant import QArray
+    from kimi_jax.runtime.default_model import BPE_RANKS, random_checkpoint, random_config
+    from kimi_jax.model.quant import QArray
 
     path = random_dir
     assert random_checkpoint(path.parent) == path  # written once, then found

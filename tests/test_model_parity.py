@@ -5,11 +5,11 @@ import pytest
 
 import kimi_jax
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.checkpoint import save_hf_checkpoint
-from kimi_jax.hf_reference import hf_logits, hf_model
-from kimi_jax.quant import storage_dtype
-from kimi_jax.safetensors_io import SafetensorsFile, read_index
-from kimi_jax.weights import random_params
+from kimi_jax.checkpoint.hf import save_hf_checkpoint
+from kimi_jax.bench.oracle import hf_logits, hf_model
+from kimi_jax.model.quant import storage_dtype
+from kimi_jax.checkpoint.safetensors import SafetensorsFile, read_index
+from kimi_jax.model.weights import random_params
 
 
 def index_shard(path, name: str) -> str:

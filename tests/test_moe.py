@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.moe import expert_backend, reference_experts, routed_experts, tile_rows
-from kimi_jax.quant import QArray
-from kimi_jax.weights import quantize_jnp
+from kimi_jax.model.moe import expert_backend, reference_experts, routed_experts, tile_rows
+from kimi_jax.model.quant import QArray
+from kimi_jax.model.weights import quantize_jnp
 
 E, D, I, K = 12, 40, 24, 3
 
@@ -67,7 +67,7 @@ def test_backend_choice_per_platform():
 
 def test_grouped_kernel_in_several_chunks(monkeypatch):
     """A tiny chunk budget forces one tile per chunk (the Kimi-K2 case): same result as the loop."""
-    import kimi_jax.moe as moe
+    import kimi_jax.model.moe as moe
 
     monkeypatch.setattr(moe, "CHUNK_BYTES", 1)
     assert moe.tile_chunk(40, I * D) == 1
@@ -85,9 +85,9 @@ def test_compiled_forward_holds_no_high_precision_copy_of_the_expert_stack():
     import dataclasses
 
     from kimi_jax.config import TINY_KIMI
-    from kimi_jax.model import Transformer
-    from kimi_jax.quant import storage_dtype
-    from kimi_jax.weights import abstract_params, param_bytes
+    from kimi_jax.model.decoder import Transformer
+    from kimi_jax.model.quant import storage_dtype
+    from kimi_jax.model.weights import abstract_params, param_bytes
 
     cfg = dataclasses.replace(TINY_KIMI, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64,
                               num_hidden_layers=7)
@@ -119,9 +119,9 @@ def test_compiled_decode_step_copies_no_layer_of_experts():
     import dataclasses
 
     from kimi_jax.config import TINY_KIMI
-    from kimi_jax.model import Transformer, init_cache
-    from kimi_jax.quant import storage_dtype
-    from kimi_jax.weights import abstract_params, param_bytes
+    from kimi_jax.model.decoder import Transformer, init_cache
+    from kimi_jax.model.quant import storage_dtype
+    from kimi_jax.model.weights import abstract_params, param_bytes
 
     cfg = dataclasses.replace(TINY_KIMI, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64,
                               num_hidden_layers=4)

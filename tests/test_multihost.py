@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import kimi_jax
-from kimi_jax import distributed
+from kimi_jax.runtime import distributed
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.convert import convert
+from kimi_jax.checkpoint.convert import convert
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [5, 6, 7, 8]
@@ -30,7 +30,7 @@ def env():
 def test_two_processes_match_one_process_and_transformers(hub_checkpoint, tmp_path):
     import torch
 
-    from kimi_jax.hf_reference import hf_model
+    from kimi_jax.bench.oracle import hf_model
 
     hf, params = hub_checkpoint(TINY_KIMI)
     ckpt = convert(hf, tmp_path / "orbax", progress=False)  # restored across processes

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.attention import MLA
-from kimi_jax.layers import rms_norm
+from kimi_jax.model.attention import MLA
+from kimi_jax.model.layers import rms_norm
 from kimi_jax.train import muonclip
 from kimi_jax.train.trainer import forward_with_stats, init_params, tiny_chat_config
-from kimi_jax.weights import build_tree
+from kimi_jax.model.weights import build_tree
 
 CFG = tiny_chat_config(vocab_size=96)
 

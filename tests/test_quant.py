@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kimi_jax.layout import STREAM_MAX_ROWS, UNSHARDED
-from kimi_jax.quant import QArray, dequantize, fp8_to_float32, linear, quantize_block_fp8, streamed_linear
+from kimi_jax.model.layout import STREAM_MAX_ROWS, UNSHARDED
+from kimi_jax.model.quant import QArray, dequantize, fp8_to_float32, linear, quantize_block_fp8, streamed_linear
 
 
 def test_fp8_bytes_decode_exactly_on_all_256_codes():

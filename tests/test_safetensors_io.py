@@ -12,8 +12,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from kimi_jax import safetensors_io as sio
-from kimi_jax.safetensors_io import (SafetensorsError, SafetensorsFile, ShardedCheckpointReader,
+from kimi_jax.checkpoint import safetensors as sio
+from kimi_jax.checkpoint.safetensors import (SafetensorsError, SafetensorsFile, ShardedCheckpointReader,
                                      read_index, save_file, write_index)
 
 RNG = np.random.default_rng(0)

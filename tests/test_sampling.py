@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.sampling import SamplingParams, keep_threshold, reference_distribution, sample
+from kimi_jax.runtime.sampling import SamplingParams, keep_threshold, reference_distribution, sample
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.3, 0.0, -0.4, -1.0, -2.0, 0.7, 1.0], np.float32)
 # (temperature, top_p, top_k): plain, top-k only, top-p only, both, a hot temperature.

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.checkpoint import load_hf_params
+from kimi_jax.checkpoint.hf import load_hf_params
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.moe import reference_experts, route, routed_experts
-from kimi_jax.quant import QArray, storage_dtype
-from kimi_jax.weights import random_params
+from kimi_jax.model.moe import reference_experts, route, routed_experts
+from kimi_jax.model.quant import QArray, storage_dtype
+from kimi_jax.model.weights import random_params
 from sharding import (DP_ATTENTION_RULES, RULES, MeshError, MeshLayout, Rules, check, make_mesh, param_shardings,
                       parse_mesh_spec)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.default_model import TINY_CHAT, default_checkpoint
-from kimi_jax.tokenizer import SentencePieceTokenizer
+from kimi_jax.runtime.default_model import TINY_CHAT, default_checkpoint
+from kimi_jax.text.tokenizer import SentencePieceTokenizer
 from kimi_jax.train import corpus, evaluate
 
 
@@ -36,7 +36,7 @@ def test_logits_and_greedy_tokens_match_transformers(model):
     """The trained checkpoint, block-fp8 as shipped, against DeepseekV3ForCausalLM holding the same values."""
     import torch
 
-    from kimi_jax.hf_reference import hf_logits, hf_model
+    from kimi_jax.bench.oracle import hf_logits, hf_model
 
     case = corpus.heldout_weather_cases(1)[0]
     prompt = model.tokenizer.apply_chat_template(list(case.messages), list(case.tools))
@@ -80,7 +80,7 @@ def test_heldout_tool_use_accuracy(model):
 
 
 def test_missing_embedded_model_is_a_clear_error(tmp_path, monkeypatch):
-    from kimi_jax import default_model
+    from kimi_jax.runtime import default_model
 
     monkeypatch.setattr(default_model, "TINY_CHAT", tmp_path / "tiny_chat")
     with pytest.raises(FileNotFoundError, match="make train-tiny.*--checkpoint"):

@@ -8,8 +8,8 @@ import random
 import pytest
 import regex
 
-from kimi_jax.chat_template import render_chat
-from kimi_jax.tokenizer import (
+from kimi_jax.text.chat_template import render_chat
+from kimi_jax.text.tokenizer import (
     KIMI_PAT_STR,
     KIMI_SPECIAL_TOKEN_OFFSETS,
     SentencePieceTokenizer,

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from kimi_jax import tool_calls
-from kimi_jax.chat_template import render_chat
-from kimi_jax.tool_calls import (
+from kimi_jax.text import tool_calls
+from kimi_jax.text.chat_template import render_chat
+from kimi_jax.text.tool_calls import (
     ALL_MARKERS,
     ContentDelta,
     ToolCallArgumentsDelta,

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.engine import load
-from kimi_jax.tokenizer import SentencePieceTokenizer
+from kimi_jax.runtime.engine import load
+from kimi_jax.text.tokenizer import SentencePieceTokenizer
 from kimi_jax.train import corpus, trainer
 
 # A smaller model than the shipped one (same structure), so the test compiles and runs in seconds.

@@ -53,8 +53,8 @@ SMOKE = Settings(reps=1, decode_steps=8, decode_prompt=8, prefill_prompt=32, ttf
 
 def write_checkpoint(cfg: Config, directory: Path) -> tuple[Path, float]:
     """Random block-fp8 weights for `cfg` in hub layout, written once per directory -> (path, seconds spent)."""
-    from kimi_jax.checkpoint import save_hf_checkpoint
-    from kimi_jax.weights import random_params
+    from kimi_jax.checkpoint.hf import save_hf_checkpoint
+    from kimi_jax.model.weights import random_params
 
     start = time.perf_counter()
     if not (directory / "config.json").is_file():
@@ -81,7 +81,7 @@ def _prompts(cfg: Config, batch: int, length: int, seed: int = 0) -> list[list[i
 
 def kimi_prefill(model, prompt_len: int) -> Callable[[], float]:
     """Seconds for one prefill of a `prompt_len`-token prompt (cache built, first token sampled)."""
-    from kimi_jax.generation import make_requests
+    from kimi_jax.runtime.generation import make_requests
 
     requests = make_requests(model.config, _prompts(model.config, 1, prompt_len), 1, temperature=0.0,
                              stop_token_ids=[])
@@ -96,8 +96,8 @@ def kimi_prefill(model, prompt_len: int) -> Callable[[], float]:
 
 def kimi_decode(model, batch: int, s: Settings) -> Callable[[], float]:
     """Seconds per decode step (all rows together) over `s.decode_steps` greedy steps after prefill."""
-    from kimi_jax.bench_generation import _timed_stream
-    from kimi_jax.generation import make_requests
+    from kimi_jax.bench.generation import _timed_stream
+    from kimi_jax.runtime.generation import make_requests
 
     requests = make_requests(model.config, _prompts(model.config, batch, s.decode_prompt), s.decode_steps + 1,
                              temperature=0.0, stop_token_ids=[])
@@ -154,10 +154,10 @@ def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_
     import jax
     import torch
 
-    from kimi_jax.bench_generation import machine, ttft_figures
-    from kimi_jax.engine import load
-    from kimi_jax.hf_reference import hf_model
-    from kimi_jax.weights import param_bytes
+    from kimi_jax.bench.generation import machine, ttft_figures
+    from kimi_jax.runtime.engine import load
+    from kimi_jax.bench.oracle import hf_model
+    from kimi_jax.model.weights import param_bytes
 
     cfg = CONFIGS[config]
     path, write_s = write_checkpoint(cfg, cache_dir / cfg.name)

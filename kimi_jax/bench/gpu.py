@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from kimi_jax.bench import roofline
 from kimi_jax.bench.compare import TINY, Settings, kimi_decode, kimi_prefill
 from kimi_jax.config import KIMI_K2, Config
-from kimi_jax.quant import QArray, storage_dtype
-from kimi_jax.weights import build_tree, scale_shape
+from kimi_jax.model.quant import QArray, storage_dtype
+from kimi_jax.model.weights import build_tree, scale_shape
 from kimi_jax.bench.timing import median_seconds
 
 GPU_SETTINGS = Settings(reps=3, decode_steps=32, decode_prompt=64, prefill_prompt=2048, batches=(1, 8, 64))
@@ -95,9 +95,9 @@ def matmul_rate(n: int, reps: int = 5) -> float:
 
 def run(config: str = "k2-width", log=print) -> dict:
     """Every figure for the GPU report (or the tiny smoke version of it)."""
-    from kimi_jax.bench_generation import machine
-    from kimi_jax.engine import Model
-    from kimi_jax.weights import param_bytes
+    from kimi_jax.bench.generation import machine
+    from kimi_jax.runtime.engine import Model
+    from kimi_jax.model.weights import param_bytes
 
     dev = jax.devices()[0]
     device_bytes = (dev.memory_stats() or {}).get("bytes_limit", 0)

@@ -39,9 +39,9 @@ def child(path: str, storage: str, tokens: int) -> dict:
     import numpy as np
 
     import kimi_jax
-    from kimi_jax.checkpoint import load_hf_params
-    from kimi_jax.engine import Model
-    from kimi_jax.weights import param_bytes
+    from kimi_jax.checkpoint.hf import load_hf_params
+    from kimi_jax.runtime.engine import Model
+    from kimi_jax.model.weights import param_bytes
 
     jax.numpy.zeros(1).block_until_ready()  # initialise the backend before the baseline
     baseline = _status_kb("VmRSS") * 1024
@@ -78,8 +78,8 @@ def measure(path: Path, storages=("native", "fp8"), tokens: int = 64) -> list[di
 
 
 def write_checkpoint(cfg: Config, path: Path, seed: int = 0) -> Path:
-    from kimi_jax.checkpoint import save_hf_checkpoint
-    from kimi_jax.weights import random_params
+    from kimi_jax.checkpoint.hf import save_hf_checkpoint
+    from kimi_jax.model.weights import random_params
 
     if not (path / "model.safetensors.index.json").exists():
         save_hf_checkpoint(random_params(cfg, seed=seed), cfg, path, num_shards=4)

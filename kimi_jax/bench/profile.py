@@ -17,16 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.attention import MLA, LatentCache
-from kimi_jax.layers import swiglu
-from kimi_jax.moe import route, routed_experts
-from kimi_jax.quant import dequantize
+from kimi_jax.model.attention import MLA, LatentCache
+from kimi_jax.model.layers import swiglu
+from kimi_jax.model.moe import route, routed_experts
+from kimi_jax.model.quant import dequantize
 from kimi_jax.bench.timing import median_seconds
 
 
 def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) -> dict[str, float]:
     """Seconds per decode step spent in each part (dispatch subtracted), the sum, and the measured step."""
-    from kimi_jax.model import init_cache
+    from kimi_jax.model.decoder import init_cache
 
     cfg, p, dt = model.config, model.params, model.dtype
     rng = np.random.default_rng(0)

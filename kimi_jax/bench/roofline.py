@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kimi_jax.config import Config
-from kimi_jax.weights import leaves, scale_shape
+from kimi_jax.model.weights import leaves, scale_shape
 
 FP8_BYTES = 1
 

@@ -530,8 +530,8 @@ def train_tokenizer(conversations: Sequence[Conversation], vocab_size: int = 153
 
     import sentencepiece as spm
 
-    from kimi_jax.chat_template import render_chat
-    from kimi_jax.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS
+    from kimi_jax.text.chat_template import render_chat
+    from kimi_jax.text.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS
 
     texts = [render_chat(c["messages"], c["tools"], add_generation_prompt=False) for c in conversations]
     model = io.BytesIO()

@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from kimi_jax.tool_calls import parse_tool_calls
+from kimi_jax.text.tool_calls import parse_tool_calls
 from kimi_jax.train.corpus import WeatherCase, heldout_weather_cases
 
 SAMPLED_TEMPERATURE = 0.6  # the release's recommended temperature

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kimi_jax.attention import attention_mask
+from kimi_jax.model.attention import attention_mask
 from kimi_jax.config import Config
-from kimi_jax.layers import apply_rope, rms_norm, rope_angles
-from kimi_jax.quant import linear
-from kimi_jax.weights import LAYER_GROUPS, Leaf, build_tree
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles
+from kimi_jax.model.quant import linear
+from kimi_jax.model.weights import LAYER_GROUPS, Leaf, build_tree
 
 # Keller Jordan's quintic: a x + b x³ + c x⁵ pushes every singular value in (0, 1] into ~[0.7, 1.2]
 # within 5 iterations (it trades exact convergence to 1 for a steep slope near 0).

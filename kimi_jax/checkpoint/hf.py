@@ -23,9 +23,9 @@ import ml_dtypes
 import numpy as np
 
 from kimi_jax.config import Config
-from kimi_jax.quant import QArray, to_storage
-from kimi_jax.safetensors_io import ShardedCheckpointReader, save_file, write_index
-from kimi_jax.weights import Leaf, build_tree, leaves, scale_shape
+from kimi_jax.model.quant import QArray, to_storage
+from kimi_jax.checkpoint.safetensors import ShardedCheckpointReader, save_file, write_index
+from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
 
 SCALE_SUFFIX = "_scale_inv"  # `<name>.weight` -> `<name>.weight_scale_inv`
 FLOAT_SOURCES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))

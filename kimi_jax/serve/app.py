@@ -23,8 +23,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from kimi_jax import distributed
-from kimi_jax.tool_calls import partial_marker_len
+from kimi_jax.runtime import distributed
+from kimi_jax.text.tool_calls import partial_marker_len
 
 EPILOG = """\
 examples:
@@ -101,8 +101,8 @@ class Server:
     def request(self, prompt: Sequence[int], max_tokens: int | None, temperature: float, top_p: float,
                 top_k: int = 0, seed: int | None = None):
         """A generation.Request; the prompt + max_tokens must fit the context (else 400)."""
-        from kimi_jax.generation import Request
-        from kimi_jax.sampling import SamplingParams
+        from kimi_jax.runtime.generation import Request
+        from kimi_jax.runtime.sampling import SamplingParams
 
         room = self.max_context - len(prompt)
         if room < 1:
@@ -125,7 +125,7 @@ class Server:
     async def generate(self, request, stops: Sequence[str] = ()) -> AsyncIterator[Piece]:
         """Submit to the scheduler and yield text as it is made. Leaving early (client gone, task
         cancelled) cancels the job, which frees its slot before the next decode call."""
-        from kimi_jax.scheduler import QueueFull, SchedulerStopped
+        from kimi_jax.runtime.scheduler import QueueFull, SchedulerStopped
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -219,7 +219,7 @@ def create_app(server: Server):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
 
-    from kimi_jax import api_anthropic, api_openai
+    from kimi_jax.serve import anthropic as api_anthropic, openai as api_openai
 
     app = FastAPI(title="kimi_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -371,8 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_server(args: argparse.Namespace, script=None) -> Server:
     """Load the model and start the scheduler's thread."""
     import kimi_jax
-    from kimi_jax.default_model import load_default
-    from kimi_jax.scheduler import Scheduler
+    from kimi_jax.runtime.default_model import load_default
+    from kimi_jax.runtime.scheduler import Scheduler
 
     if args.max_batch < 1 or args.max_context < 2:
         raise ValueError("--max-batch must be ≥ 1 and --max-context ≥ 2")

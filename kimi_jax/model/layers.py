@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import Config
-from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.quant import linear
-from kimi_jax.weights import declare, layer_specs
+from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.model.quant import linear
+from kimi_jax.model.weights import declare, layer_specs
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax import generation
-from kimi_jax.checkpoint import load_hf_params
+from kimi_jax.runtime import generation
+from kimi_jax.checkpoint.hf import load_hf_params
 from kimi_jax.config import Config
-from kimi_jax.layout import UNSHARDED
-from kimi_jax.model import Transformer
-from kimi_jax.orbax_io import is_orbax_checkpoint, load_orbax_params
+from kimi_jax.model.layout import UNSHARDED
+from kimi_jax.model.decoder import Transformer
+from kimi_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -170,7 +170,7 @@ def mesh_layout(mesh: Any, config: Config, rules: Any = None):
 
 def _find_tokenizer(path: Path):
     """The checkpoint's tokenizer (tiktoken.model or tokenizer.model next to config.json), or None."""
-    from kimi_jax.tokenizer import load_tokenizer
+    from kimi_jax.text.tokenizer import load_tokenizer
 
     try:
         return load_tokenizer(path)

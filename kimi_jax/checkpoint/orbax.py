@@ -34,10 +34,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from kimi_jax.checkpoint import CheckpointError
+from kimi_jax.checkpoint.hf import CheckpointError
 from kimi_jax.config import Config
-from kimi_jax.quant import QArray, storage_dtype
-from kimi_jax.weights import Leaf, build_tree, leaves, scale_shape
+from kimi_jax.model.quant import QArray, storage_dtype
+from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
 
 MARKER = "kimi_orbax.json"
 FORMAT = "kimi_jax-orbax"

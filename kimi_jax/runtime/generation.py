@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.attention import LatentCache
+from kimi_jax.model.attention import LatentCache
 from kimi_jax.config import Config
-from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.model import Transformer, init_cache
-from kimi_jax.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
+from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.model.decoder import Transformer, init_cache
+from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
 
 STEPS_PER_CALL = 8  # decode steps per compiled call; see BENCHMARKS.md (Generation)
 
@@ -384,7 +384,7 @@ def chat(generator: Generator, tokenizer, messages, tools=None, **settings) -> d
 
     Returns {"content": str | None, "tool_calls": [OpenAI-style calls], "finish_reason": str}.
     """
-    from kimi_jax.tool_calls import parse_tool_calls
+    from kimi_jax.text.tool_calls import parse_tool_calls
 
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; this checkpoint has none (put tiktoken.model next to config.json)")

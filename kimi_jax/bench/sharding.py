@@ -26,9 +26,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.moe import route, routed_experts
-from kimi_jax.quant import to_storage
-from kimi_jax.weights import random_params
+from kimi_jax.model.moe import route, routed_experts
+from kimi_jax.model.quant import to_storage
+from kimi_jax.model.weights import random_params
 from sharding.layout import MeshLayout
 from sharding.rules import DP_ATTENTION_RULES, RULES, param_shardings
 
@@ -62,8 +62,8 @@ def median_ms(fns: dict[str, callable], runs: int) -> dict[str, float]:
 
 def bench_model(runs: int, batch: int = 8, prompt: int = 64, context: int = 256) -> list[dict]:
     """Forward of batch × prompt tokens and a decode step (batch × 1 token, `context`-slot cache)."""
-    from kimi_jax.model import init_cache
-    from kimi_jax.plan import step_program
+    from kimi_jax.model.decoder import init_cache
+    from kimi_jax.runtime.plan import step_program
 
     host = jax.tree.map(to_storage, random_params(BENCH, seed=0, std=0.05))
     rng = np.random.default_rng(0)

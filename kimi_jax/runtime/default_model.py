@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from kimi_jax.config import TINY_KIMI, Config
-from kimi_jax.generation import cache_root
+from kimi_jax.runtime.generation import cache_root
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CHAT = ASSETS / "tiny_chat"
@@ -50,9 +50,9 @@ def version() -> str:
 
 
 def _write(directory: Path) -> None:
-    from kimi_jax.checkpoint import save_hf_checkpoint
-    from kimi_jax.tokenizer import train_bpe_ranks, write_tiktoken_file
-    from kimi_jax.weights import random_params
+    from kimi_jax.checkpoint.hf import save_hf_checkpoint
+    from kimi_jax.text.tokenizer import train_bpe_ranks, write_tiktoken_file
+    from kimi_jax.model.weights import random_params
 
     ranks = train_bpe_ranks([CORPUS.read_text(encoding="utf-8")], BPE_RANKS)
     if len(ranks) != BPE_RANKS:
@@ -98,6 +98,6 @@ def random_checkpoint(root: str | os.PathLike | None = None) -> Path:
 
 def load_default(dtype: str = "float32", **kwargs):
     """`kimi_jax.load` of the embedded tiny chat model (float32 compute: at this size it costs nothing)."""
-    from kimi_jax.engine import load
+    from kimi_jax.runtime.engine import load
 
     return load(default_checkpoint(), dtype=dtype, **kwargs)

@@ -29,7 +29,7 @@ from typing import Any
 
 import regex
 
-from kimi_jax.chat_template import render_chat_segments
+from kimi_jax.text.chat_template import render_chat_segments
 
 # Kimi-K2's pre-tokenizer split pattern (tiktoken `pat_str`); `&&` is class intersection.
 _KIMI_PAT_PIECES = (

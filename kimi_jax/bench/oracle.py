@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from kimi_jax.checkpoint import hf_tensors
+from kimi_jax.checkpoint.hf import hf_tensors
 from kimi_jax.config import Config
-from kimi_jax.quant import dequantize_np
-from kimi_jax.checkpoint import SCALE_SUFFIX
+from kimi_jax.model.quant import dequantize_np
+from kimi_jax.checkpoint.hf import SCALE_SUFFIX
 
 
 def hf_config(cfg: Config):

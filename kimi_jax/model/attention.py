@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.config import Config
-from kimi_jax.layers import apply_rope, rms_norm, rope_angles
-from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.quant import dequantize
-from kimi_jax.weights import attention_specs, declare
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles
+from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.model.quant import dequantize
+from kimi_jax.model.weights import attention_specs, declare
 
 NEG_INF = -1e30  # finite, so a fully masked row (a padded query) stays NaN-free
 

@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from kimi_jax.generation import DecodeState, Generator, Request, Rows
-from kimi_jax.model import init_cache
+from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows
+from kimi_jax.model.decoder import init_cache
 
 MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
 

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.config import Config
-from kimi_jax.layers import swiglu
-from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.quant import dequantize
-from kimi_jax.weights import declare, moe_specs
+from kimi_jax.model.layers import swiglu
+from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.model.quant import dequantize
+from kimi_jax.model.weights import declare, moe_specs
 
 BACKENDS = ("grouped", "ragged")
 

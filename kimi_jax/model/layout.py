@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.quant import QArray, linear, streamed_linear
+from kimi_jax.model.quant import QArray, linear, streamed_linear
 
 # Products with at most this many rows of x stream their weight on a single CPU device: the decode
 # regime, where reading the weight is the whole cost. Larger products (prefill, training) reuse each

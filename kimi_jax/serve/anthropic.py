@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import Request  # module level: FastAPI resolves handler annotations here
 from fastapi.responses import StreamingResponse
 
-from kimi_jax.serve import APIError, Server, json_body, number, sse, stop_strings, unless_disconnected
-from kimi_jax.tool_calls import ContentDelta, ToolCallEnd, ToolCallStreamParser
+from kimi_jax.serve.app import APIError, Server, json_body, number, sse, stop_strings, unless_disconnected
+from kimi_jax.text.tool_calls import ContentDelta, ToolCallEnd, ToolCallStreamParser
 
 TEMPERATURE_SCALE = 0.6  # temperature_used = request temperature × 0.6, as the release maps it
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
@@ -88,7 +88,7 @@ def to_openai_tools(tools: Any) -> list[dict[str, Any]] | None:
 
 
 def _prompt(body: dict[str, Any], server: Server) -> tuple[list[int], bool]:
-    from kimi_jax.chat_template import ChatFormatError, normalize_tool_call_ids
+    from kimi_jax.text.chat_template import ChatFormatError, normalize_tool_call_ids
 
     tools = to_openai_tools(body.get("tools"))
     choice = (body.get("tool_choice") or {"type": "auto"})

@@ -35,8 +35,8 @@ BENCH_CONFIG = dataclasses.replace(
 
 def write_bench_checkpoint(directory: Path, cfg: Config = BENCH_CONFIG) -> Path:
     """Random block-fp8 weights for `cfg` in hub layout (written once per directory)."""
-    from kimi_jax.checkpoint import save_hf_checkpoint
-    from kimi_jax.weights import random_params
+    from kimi_jax.checkpoint.hf import save_hf_checkpoint
+    from kimi_jax.model.weights import random_params
 
     if not (directory / "config.json").is_file():
         save_hf_checkpoint(random_params(cfg, seed=0, std=0.05), cfg, directory, num_shards=2)
@@ -58,7 +58,7 @@ def _timed_stream(generator, requests):
 def decode_figures(model, batch: int, prompt_len: int = 16, new_tokens: int = 64, reps: int = 5,
                    steps_per_call: int | None = None) -> dict:
     """Median decode tokens/s (all rows together) and warm time to first token for one batch size."""
-    from kimi_jax.generation import make_requests
+    from kimi_jax.runtime.generation import make_requests
 
     gen = model.generator
     if steps_per_call is not None:
@@ -88,8 +88,8 @@ def ttft_in_fresh_process(checkpoint: Path | None, compile_cache: Path, dtype: s
 
 def child_ttft(checkpoint: str, dtype: str) -> dict:
     """In a fresh process: load, then time one prompt's first token (tracing + compile or cache load + run)."""
-    from kimi_jax.default_model import random_checkpoint
-    from kimi_jax.engine import load
+    from kimi_jax.runtime.default_model import random_checkpoint
+    from kimi_jax.runtime.engine import load
 
     t0 = time.perf_counter()
     model = load(checkpoint or random_checkpoint(), dtype=dtype)
@@ -111,8 +111,8 @@ def ttft_figures(checkpoint: Path | None, dtype: str, reps: int = 5) -> dict:
 
 def cache_figures(model) -> dict:
     """KV-cache bytes per token per layer: the latent cache (measured on an allocated cache) vs per-head K/V."""
-    from kimi_jax.generation import expanded_cache_bytes_per_token_per_layer, kv_cache_bytes_per_token_per_layer
-    from kimi_jax.model import init_cache
+    from kimi_jax.runtime.generation import expanded_cache_bytes_per_token_per_layer, kv_cache_bytes_per_token_per_layer
+    from kimi_jax.model.decoder import init_cache
 
     cfg = model.config
     cache = jax.eval_shape(lambda: init_cache(cfg, 2, 64, model.dtype))
@@ -148,8 +148,8 @@ def machine() -> str:
 
 def run_all(models: dict[str, Path | None], dtype: str, reps: int, new_tokens: int) -> dict:
     """All figures for each named checkpoint (None: the random-weight TINY_KIMI checkpoint)."""
-    from kimi_jax.default_model import random_checkpoint
-    from kimi_jax.engine import load
+    from kimi_jax.runtime.default_model import random_checkpoint
+    from kimi_jax.runtime.engine import load
 
     results = {}
     for name, path in models.items():

@@ -15,12 +15,12 @@ import secrets
 import time
 from typing import Any
 
-from kimi_jax.sampling import DEFAULT_TEMPERATURE
+from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE
 from fastapi import Request  # module level: FastAPI resolves handler annotations here
 from fastapi.responses import StreamingResponse
 
-from kimi_jax.serve import APIError, Server, json_body, number, sse, stop_strings, unless_disconnected
-from kimi_jax.tool_calls import (ContentDelta, ToolCallArgumentsDelta, ToolCallStart, ToolCallStreamParser,
+from kimi_jax.serve.app import APIError, Server, json_body, number, sse, stop_strings, unless_disconnected
+from kimi_jax.text.tool_calls import (ContentDelta, ToolCallArgumentsDelta, ToolCallStart, ToolCallStreamParser,
                                  collect_events)
 
 
@@ -37,7 +37,7 @@ def sampling_args(body: dict[str, Any], server: Server) -> dict[str, Any]:
 
 def chat_prompt(body: dict[str, Any], server: Server) -> tuple[list[int], bool]:
     """Token ids of the conversation, and whether tool calls are parsed from the reply."""
-    from kimi_jax.chat_template import ChatFormatError, normalize_tool_call_ids
+    from kimi_jax.text.chat_template import ChatFormatError, normalize_tool_call_ids
 
     messages, tools = body.get("messages"), body.get("tools")
     if not isinstance(messages, list) or not messages:

@@ -10,12 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.attention import MLA, LatentCache
+from kimi_jax.model.attention import MLA, LatentCache
 from kimi_jax.config import Config
-from kimi_jax.layers import MLP, rms_norm
-from kimi_jax.layout import UNSHARDED, Layout
-from kimi_jax.moe import MoE
-from kimi_jax.weights import LAYER_GROUPS, declare, layer_specs, model_specs
+from kimi_jax.model.layers import MLP, rms_norm
+from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.model.moe import MoE
+from kimi_jax.model.weights import LAYER_GROUPS, declare, layer_specs, model_specs
 
 
 class DecoderLayer(nn.Module):

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from kimi_jax.config import Config
-from kimi_jax.quant import FP8, QArray, quantize_block_fp8
+from kimi_jax.model.quant import FP8, QArray, quantize_block_fp8
 
 BF16 = "bfloat16"
 F32 = "float32"
