@@ -143,7 +143,7 @@ def _summary(turns: list[Turn]) -> str:
 def run_demo(model, args, temperature: float) -> int:
     """Two conversations: a question; a weather question whose tool calls `demo_get_weather` answers."""
     from kimi_jax.text.tool_calls import parse_tool_calls
-    from kimi_jax.train.corpus import CARD_WEATHER_TOOL
+    from kimi_jax.runtime.default_model import CARD_WEATHER_TOOL
 
     if model.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer (tiktoken.model) for the demo conversation; "
@@ -185,8 +185,7 @@ def run_demo(model, args, temperature: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import kimi_jax
-    from kimi_jax.runtime.default_model import load_default
+    from kimi_jax.runtime.default_model import load_checkpoint_or_default
 
     info = distributed.initialize(args)  # before any device is touched; a no-op for one process
     if info.num_processes > 1 and not args.mesh:
@@ -196,10 +195,7 @@ def run(args: argparse.Namespace) -> int:
         distributed.python_only_stdout()
         if not info.is_main:
             sys.stdout = open(os.devnull, "w")
-    if args.checkpoint:
-        model = kimi_jax.load(args.checkpoint, dtype=args.dtype or "bfloat16", mesh=args.mesh)
-    else:
-        model = load_default(dtype=args.dtype or "float32", mesh=args.mesh)
+    model = load_checkpoint_or_default(args.checkpoint, args.dtype, mesh=args.mesh)
     no_prompt = args.prompt is None and args.chat is None and args.prompt_ids is None
     temperature = args.temperature if args.temperature is not None else (0.0 if no_prompt else 0.6)
     if no_prompt:

@@ -34,6 +34,13 @@ BPE_RANKS = 768  # + 256 reserved specials = a 1024-token vocabulary
 SEED = 20250711
 WEIGHT_STD = 0.05  # wide enough that attention and routing are not flat
 NUM_SHARDS = 2
+# The model card's declaration of its weather tool ("Tool Calling" in the release README): the tool the
+# embedded model was trained to call, and the one the `generate` demo declares.
+CARD_WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Retrieve current weather information. Call this when the user asks about "
+                                          "the weather.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "Name of the city"}},
+                   "required": ["city"]}}}
 FORMAT = 1  # bump when the on-disk recipe changes in a way the hash below cannot see
 
 
@@ -101,3 +108,13 @@ def load_default(dtype: str = "float32", **kwargs):
     from kimi_jax.runtime.engine import load
 
     return load(default_checkpoint(), dtype=dtype, **kwargs)
+
+
+def load_checkpoint_or_default(checkpoint: str | os.PathLike | None, dtype: str | None = None, **kwargs):
+    """What the command lines load: `checkpoint` (bfloat16 compute unless `dtype` says otherwise), or with
+    none the embedded tiny chat model (float32 unless told)."""
+    from kimi_jax.runtime.engine import load
+
+    if checkpoint:
+        return load(checkpoint, dtype=dtype or "bfloat16", **kwargs)
+    return load_default(dtype=dtype or "float32", **kwargs)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from kimi_jax.runtime.default_model import CARD_WEATHER_TOOL  # noqa: F401  (declared where the demo uses it)
+
 Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}
 
 # Cities ------------------------------------------------------------------------------------------
@@ -287,9 +289,6 @@ TIME_TOOL = _tool("get_time", "Get the local time in a city.", {"city": "City na
 SEARCH_TOOL = _tool("search_web", "Search the web.", {"query": "Search query"}, ["query"])
 CURRENCY_TOOL = _tool("convert_currency", "Convert an amount of money.",
                       {"amount": "Amount", "from": "Currency code", "to": "Currency code"}, ["amount", "from", "to"])
-# The model card's declaration of the same tool ("Tool Calling" in the release README).
-CARD_WEATHER_TOOL = _tool("get_weather", "Retrieve current weather information. Call this when the user asks about "
-                          "the weather.", {"city": "Name of the city"}, ["city"])
 TOOLS = {t["function"]["name"]: t for t in (WEATHER_TOOL, TIME_TOOL, SEARCH_TOOL, CURRENCY_TOOL)}
 
 
