@@ -35,6 +35,8 @@ from kimi_jax.config import Config
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.decoder import Transformer, init_cache
 from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
+from kimi_jax.text.detokenize import Detokenizer, Piece
+from kimi_jax.text.tool_calls import parse_tool_calls
 
 STEPS_PER_CALL = 8  # decode steps per compiled call; see BENCHMARKS.md (Generation)
 
@@ -357,26 +359,15 @@ class Generator:
 
 
 # Text-level helpers (used by Model.stream / Model.chat) ------------------------------------------
-class Piece(NamedTuple):
-    """One generated token and the text it completes ("" while a character is partial, for a stop
-    token, or without a tokenizer)."""
-
-    token_id: int
-    text: str
-
-
 def stream_pieces(generator: Generator, request: Request, tokenizer=None) -> Iterator[Piece]:
-    """Stream one request as Pieces; text joins to the decoded output without its stop token."""
-    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    """Stream one request as `Piece(token_id, text)`, one per generated token (text/detokenize.py);
+    the text joins to the decoded output without its stop token."""
+    text = Detokenizer(tokenizer, request.stop_ids)
     count = 0
     for chunk in generator.stream([request]):
         for token in chunk[0]:
             count += 1
-            final_stop = token in request.stop_ids
-            text = decoder.push(token) if decoder is not None and not final_stop else ""
-            if decoder is not None and (final_stop or count == request.max_new_tokens):
-                text += decoder.flush()
-            yield Piece(token, text)
+            yield text.push(token, last=count == request.max_new_tokens)
 
 
 def chat(generator: Generator, tokenizer, messages, tools=None, **settings) -> dict[str, Any]:
@@ -384,8 +375,6 @@ def chat(generator: Generator, tokenizer, messages, tools=None, **settings) -> d
 
     Returns {"content": str | None, "tool_calls": [OpenAI-style calls], "finish_reason": str}.
     """
-    from kimi_jax.text.tool_calls import parse_tool_calls
-
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; this checkpoint has none (put tiktoken.model next to config.json)")
     prompt = tokenizer.apply_chat_template(messages, tools, add_generation_prompt=True)
