@@ -3,7 +3,7 @@
     python scripts/bench_serve.py                        # starts the embedded default in-process
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --model kimi-k2-instruct
 
-See kimi_jax/bench_serve.py for what is measured; results go to docs/serving_bench.md.
+See kimi_jax/bench/serve.py for what is measured; results go to docs/serving_bench.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main() -> None:
     live = None
     url = args.url
     if url is None:
-        from kimi_jax.serve.app import LiveServer, build_server, create_app, parse_args
+        from kimi_jax.serve.app import create_app
+        from kimi_jax.serve.cli import LiveServer, build_server, parse_args
 
         server = build_server(parse_args(["--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
                                           "--served-model-name", args.model]))

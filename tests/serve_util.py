@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-from kimi_jax.serve.app import LiveServer  # noqa: F401  (re-exported for the tests)
+from kimi_jax.serve.cli import LiveServer  # noqa: F401  (re-exported for the tests)
 
 WEATHER_CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
                 '{"city": "Beijing"}<|tool_call_end|><|tool_calls_section_end|>')

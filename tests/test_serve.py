@@ -26,7 +26,8 @@ SLOTS = 16
 
 @pytest.fixture(scope="module")
 def server():
-    from kimi_jax.serve.app import build_server, create_app, parse_args
+    from kimi_jax.serve.app import create_app
+    from kimi_jax.serve.cli import build_server, parse_args
 
     srv = build_server(parse_args(["--max-batch", str(SLOTS), "--max-context", "512", "--max-prefill", "4"]))
     srv.scheduler.script = weather_script(srv.tokenizer)
@@ -240,7 +241,8 @@ def test_disconnect_non_streaming_frees_slot(server):
 def test_api_key_and_overload(server):
     """Auth (only /health open) and 429 on a full queue, on extra apps sharing the loaded model."""
     from kimi_jax.runtime.scheduler import Scheduler
-    from kimi_jax.serve.app import Server, create_app
+    from kimi_jax.serve.app import create_app
+    from kimi_jax.serve.server import Server
 
     srv = server.srv
     keyed = LiveServer(create_app(Server(srv.model, srv.scheduler, MODEL, api_key="sk-test")))

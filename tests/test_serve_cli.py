@@ -70,7 +70,7 @@ def test_model_card_tool_loop_with_the_embedded_model(served):
 
 
 def test_cli_help_lists_flags():
-    from kimi_jax.serve.app import parse_args
+    from kimi_jax.serve.cli import parse_args
 
     args = parse_args([])
     assert (args.host, args.port, args.served_model_name, args.api_key) == ("127.0.0.1", 8000, "kimi-k2-instruct", None)

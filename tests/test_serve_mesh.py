@@ -10,7 +10,8 @@ import httpx  # noqa: E402  (test extra: missing is an install error, not a skip
 
 
 def test_sharded_server_equals_generate():
-    from kimi_jax.serve.app import LiveServer, build_server, create_app, parse_args
+    from kimi_jax.serve.app import create_app
+    from kimi_jax.serve.cli import LiveServer, build_server, parse_args
 
     mesh = "data=2,expert=2,tensor=2"
     # float32: in bfloat16 the sharded model's rounding depends on the batch and cache shapes (which differ

@@ -1,7 +1,7 @@
-"""`python -m kimi_jax.serve`: the OpenAI- and Anthropic-compatible HTTP server."""
+"""`python -m kimi_jax.serve`: the OpenAI- and Anthropic-compatible HTTP server (kimi_jax/serve/cli.py)."""
 
 import sys
 
-from kimi_jax.serve.app import main
+from kimi_jax.serve.cli import main
 
 sys.exit(main())

@@ -1,0 +1,142 @@
+"""Command line: `python -m kimi_jax.serve` serves OpenAI- and Anthropic-compatible HTTP APIs.
+
+Requests are batched continuously by kimi_jax/runtime/scheduler.py: one model thread owns JAX and
+keeps `--max-batch` decode slots busy; the asyncio side talks to it through per-request queues.
+A bad flag is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import threading
+import time
+
+import uvicorn
+
+from kimi_jax.runtime import distributed
+from kimi_jax.runtime.default_model import load_checkpoint_or_default
+from kimi_jax.runtime.engine import DTYPES
+from kimi_jax.runtime.scheduler import Scheduler
+from kimi_jax.serve.app import create_app
+from kimi_jax.serve.server import Server
+
+EPILOG = """\
+examples:
+  python -m kimi_jax.serve                                   # embedded tiny chat model on 127.0.0.1:8000
+  python -m kimi_jax.serve --checkpoint /ckpt/Kimi-K2-Instruct --mesh data=1,expert=8 --port 8000
+  python -m kimi_jax.serve --api-key sk-local --max-batch 32 --max-context 8192
+"""
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (argparse turns the ValueError into its one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f"≥ {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The server's flags, each range-checked (a bad one exits 2 with argparse's one-line error)."""
+    p = argparse.ArgumentParser(prog="python -m kimi_jax.serve", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="Hugging Face checkpoint directory; default: the embedded tiny chat model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--mesh", metavar="SPEC", help="device mesh to shard over, e.g. 'data=1,expert=8'")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="compute dtype: bfloat16 (the default with --checkpoint) or float32 (the default for the "
+                        "embedded model)")
+    p.add_argument("--served-model-name", default="kimi-k2-instruct", metavar="NAME",
+                   help="the model name clients must send (default kimi-k2-instruct)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or x-api-key); "
+                                                    "default: no auth")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=16, metavar="N", help="decode slots (default 16)")
+    p.add_argument("--max-context", type=_int_at_least(2), default=4096, metavar="T",
+                   help="tokens per slot, prompt + output (default 4096, capped by the model's context)")
+    p.add_argument("--max-queue", type=_int_at_least(0), default=256, metavar="N",
+                   help="waiting requests before answering 429 (default 256)")
+    p.add_argument("--max-prefill", type=_int_at_least(1), default=4, metavar="N",
+                   help="requests prefilled together when several wait (default 4)")
+    p.add_argument("--steps-per-call", type=_int_at_least(1), default=None, metavar="K",
+                   help="decode steps per compiled call (default: the generator's)")
+    distributed.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def build_server(args: argparse.Namespace, script=None) -> Server:
+    """Load the model the flags name (--checkpoint, or the embedded tiny chat model) and start the
+    scheduler's thread (`script`: the scheduler's test-only hook)."""
+    model = load_checkpoint_or_default(args.checkpoint, args.dtype, mesh=args.mesh)
+    scheduler = Scheduler(model.generator, max_batch=args.max_batch, max_context=args.max_context,
+                          max_queue=args.max_queue, max_prefill=args.max_prefill,
+                          steps_per_call=args.steps_per_call, script=script).start()
+    return Server(model, scheduler, args.served_model_name, args.api_key)
+
+
+def main(argv=None) -> int:
+    """`python -m kimi_jax.serve`: parse the flags, load the model, serve until interrupted."""
+    args = parse_args(argv)
+    try:
+        info = distributed.initialize(args)  # before any device is touched; a no-op for one process
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if info.num_processes > 1:
+        # Every process would have to run the same decode steps, so process 0 would need to
+        # broadcast each admitted request to the others: not built yet.
+        print("error: serving across several processes is not supported yet; serve from one host "
+              "(all of its devices via --mesh), or use `python -m kimi_jax.generate` for multi-host runs",
+              file=sys.stderr)
+        return 1
+    try:
+        server = build_server(args)
+    except (OSError, ValueError) as e:  # a missing checkpoint, a mesh that does not fit, a bad config
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not args.checkpoint:
+        print("[kimi_jax] embedded tiny chat model: it introduces itself, answers a few facts and sums and calls "
+              "a get_weather tool, nothing more; pass --checkpoint for a real model", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
+    finally:
+        server.scheduler.stop()
+    return 0
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free 127.0.0.1 port in a daemon thread (tests, benchmarks)."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("uvicorn did not start within 30 s")
+            time.sleep(0.02)
+
+    def close(self):
+        """Ask uvicorn to exit and wait for its thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

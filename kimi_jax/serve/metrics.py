@@ -1,0 +1,44 @@
+"""`GET /metrics`: the scheduler's counters and gauges as Prometheus text (exposition format 0.0.4)."""
+
+from __future__ import annotations
+
+MEDIA_TYPE = "text/plain; version=0.0.4"
+
+
+def prometheus_text(scheduler) -> str:
+    """Prometheus text exposition of `scheduler`'s metrics (runtime/scheduler.py `Metrics`)."""
+    s, m = scheduler, scheduler.metrics
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.append(f"# HELP kimi_jax_{name} {help_}")
+        lines.append(f"# TYPE kimi_jax_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"kimi_jax_{name}{labels} {value}")
+
+    metric("requests_total", "counter", "Finished generation requests by finish reason.",
+           [(f'{{finish_reason="{k}"}}', v) for k, v in sorted(m.requests.items())] or [("", 0)])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", m.prompt_tokens)])
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generation_tokens)])
+    metric("queue_depth", "gauge", "Requests waiting for a decode slot.", [("", s.queue_depth)])
+    metric("active_slots", "gauge", "Decode slots in use.", [("", s.active)])
+    metric("max_batch", "gauge", "Decode slots.", [("", s.max_batch)])
+    metric("decode_calls_total", "counter", "Compiled decode calls.", [("", m.decode_calls)])
+    metric("decode_steps_total", "counter", "Decode steps run.", [("", m.decode_steps)])
+    metric("batch_occupancy_slot_steps_total", "counter",
+           "Sum over decode steps of the slots in use (÷ decode_steps_total = mean occupancy).",
+           [("", m.occupied_slot_steps)])
+    metric("batch_occupancy_max", "gauge", "Most slots in use by one decode call.", [("", m.max_occupancy)])
+    metric("prefill_calls_total", "counter", "Prefill calls.", [("", m.prefill_calls)])
+    metric("busy_seconds_total", "counter", "Model-thread seconds in prefill and decode.",
+           [("", round(m.busy_seconds, 6))])
+    rate = m.generation_tokens / m.busy_seconds if m.busy_seconds else 0.0
+    metric("tokens_per_second", "gauge", "Generated tokens per busy second, since start.", [("", round(rate, 3))])
+    metric("last_decode_tokens_per_second", "gauge", "Tokens per second of the last decode call.",
+           [("", round(m.last_tokens_per_s, 3))])
+    buckets = [(f'_bucket{{le="{edge}"}}', count)  # observe_ttft already counts cumulatively
+               for edge, count in zip(m.TTFT_BUCKETS, m.ttft_buckets)]
+    buckets.append(('_bucket{le="+Inf"}', m.ttft_count))
+    metric("time_to_first_token_seconds", "histogram", "Seconds from submission to the first token.",
+           buckets + [("_sum", round(m.ttft_sum, 6)), ("_count", m.ttft_count)])
+    return "\n".join(lines) + "\n"

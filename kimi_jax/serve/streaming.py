@@ -1,0 +1,221 @@
+"""What every generating route does, once: the handler skeleton, the generation seen from the event
+loop, tool-call parsing of its text, and server-sent events.
+
+    handle   body -> model check -> the route's `prepare` (validation, a generation.Request)
+             -> submit and wait for the first tokens (errors such as 429 surface before a
+             response starts) -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
+    Reply    one scheduler job: tokens arrive on a per-request asyncio queue from the model
+             thread, become text through text/detokenize.Detokenizer (stop tokens, stop strings,
+             flush), and are read as tool-call events (text/tool_calls.ToolCallStreamParser)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.scheduler import QueueFull, SchedulerStopped
+from kimi_jax.serve.errors import APIError, error_body, is_anthropic
+from kimi_jax.serve.server import Server
+from kimi_jax.serve.validation import parse_body
+from kimi_jax.text.detokenize import Detokenizer, Piece
+from kimi_jax.text.tool_calls import ContentDelta, ToolCallEnd, ToolCallEvent, ToolCallStreamParser
+
+log = logging.getLogger("kimi_jax.serve")
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a route made of a checked body: the generation to run and how to answer."""
+
+    request: Request
+    stops: list[str]
+    stream: bool
+    use_tools: bool = False  # parse Kimi's tool-call section out of the reply
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # route-specific (ids, …)
+
+
+Prepare = Callable[[dict[str, Any], Server], Prepared]
+Whole = Callable[["Reply", Prepared], Awaitable[dict[str, Any]]]
+Stream = Callable[["Reply", Prepared], AsyncIterator[str]]
+
+
+async def handle(http: HTTPRequest, server: Server, prepare: Prepare, whole: Whole, stream: Stream) -> Response:
+    """The one route skeleton: parse the body, check the model, let the route validate and build its
+    request, start generating, then answer whole or as a stream."""
+    body = parse_body(await read_body(http))
+    server.check_model(body)
+    job = prepare(body, server)
+    reply = Reply(server, job)
+    await reply.start(http)
+    if job.stream:
+        return StreamingResponse(_guarded(stream(reply, job), http.url.path), media_type="text/event-stream")
+    return JSONResponse(await unless_disconnected(http, whole(reply, job)))
+
+
+async def read_body(http: HTTPRequest) -> bytes:
+    """The raw request body (a client gone while sending it is answered 499, read by nobody)."""
+    try:
+        return await http.body()
+    except ClientDisconnect:
+        raise APIError(499, "client closed the request") from None
+
+
+async def unless_disconnected(http: HTTPRequest, awaitable: Awaitable[Any], poll_s: float = DISCONNECT_POLL_S):
+    """Await `awaitable`, cancelling it if the client disconnects first (a generation it runs then
+    frees its slot); the abandoned request is answered 499, which nobody reads."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not (await asyncio.wait({task}, timeout=poll_s))[0]:
+            if await http.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client closed the request")
+        return task.result()
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+
+
+class Reply:
+    """One request's generation, read from the event loop.
+
+    `start` submits the job and waits for its first tokens; `events` then yields the reply as
+    tool-call events (only ContentDelta without tools), and `collect` gathers them whole. Leaving
+    early (client gone, task cancelled, a stop string seen) cancels the job, which frees its slot
+    before the next decode call. After the last event: `finish_reason` ("stop" | "length"),
+    `stop_sequence` (the stop string that ended the text, if one did), the token counts and
+    `tool_calls` (accepted calls seen).
+    """
+
+    def __init__(self, server: Server, job: Prepared):
+        self.scheduler, self.job = server.scheduler, job
+        self.text = Detokenizer(server.tokenizer, job.request.stop_ids, job.stops)
+        self.prompt_tokens, self.completion_tokens, self.tool_calls = len(job.request.prompt), 0, 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pieces: list[Piece] = []  # read but not yet handed out
+        self._handle = None  # the scheduler's Job
+        self._ended = False  # the scheduler will send nothing more
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.text.finish_reason
+
+    @property
+    def stop_sequence(self) -> str | None:
+        return self.text.stop_sequence
+
+    def usage(self) -> dict[str, int]:
+        """OpenAI's `usage` (the generated tokens include a final stop token)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    async def start(self, http: HTTPRequest) -> None:
+        """Submit the job and wait for its first tokens, so that a full queue (429), a stopped model
+        thread (503) or a failed generation (500) is answered before any response starts."""
+        loop = asyncio.get_running_loop()
+        sink = lambda tokens, reason: loop.call_soon_threadsafe(self._queue.put_nowait, (tokens, reason))
+        try:
+            self._handle = self.scheduler.submit(self.job.request, sink)
+        except QueueFull as e:
+            raise APIError(429, f"server overloaded: {e}; retry later") from None
+        except SchedulerStopped as e:
+            raise APIError(503, str(e)) from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        try:
+            await unless_disconnected(http, self._read())
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Cancel the job unless it has finished (idempotent)."""
+        if not self._ended and self._handle is not None:
+            self._ended = True
+            self.scheduler.cancel(self._handle)
+
+    async def _read(self) -> None:
+        """Wait for the model thread's next delivery and turn it into pieces."""
+        tokens, reason = await self._queue.get()
+        if reason is not None and reason.startswith("error"):
+            self._ended = True
+            raise APIError(500, f"generation failed: {reason}")
+        if reason is not None:
+            self._ended = True
+        for i, token in enumerate(tokens):
+            self._pieces.append(self.text.push(token, last=reason is not None and i == len(tokens) - 1))
+            self.completion_tokens += 1
+            if self.text.done:
+                break
+        if reason is not None and not self.text.done:  # ended without a final token (never expected)
+            self._pieces.append(Piece(-1, self.text.finish(reason)))
+        if self.text.done:
+            self.close()  # a stop string: nothing after it is wanted
+
+    async def _deliveries(self) -> AsyncIterator[str]:
+        """The reply's text, one string per delivery from the model thread (up to a decode call's
+        tokens), so that a stream sends a few larger chunks rather than one per token."""
+        try:
+            while True:
+                if self._pieces:
+                    text = "".join(p.text for p in self._pieces)
+                    self._pieces.clear()
+                    yield text
+                if self.text.done:
+                    return
+                await self._read()
+        finally:
+            self.close()
+
+    async def events(self) -> AsyncIterator[ToolCallEvent]:
+        """The reply as tool-call events: the one driver of ToolCallStreamParser for every route."""
+        parser = ToolCallStreamParser() if self.job.use_tools else None
+        async for text in self._deliveries():
+            for event in parser.feed(text) if parser else [ContentDelta(text)] if text else []:
+                self.tool_calls += isinstance(event, ToolCallEnd)
+                yield event
+        for event in parser.finish() if parser else []:
+            self.tool_calls += isinstance(event, ToolCallEnd)
+            yield event
+
+    async def collect(self) -> tuple[str, list[ToolCallEnd]]:
+        """The whole reply: its content text and its accepted tool calls."""
+        content, calls = [], []
+        async for event in self.events():
+            if isinstance(event, ContentDelta):
+                content.append(event.text)
+            elif isinstance(event, ToolCallEnd):
+                calls.append(event)
+        return "".join(content), calls
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _guarded(chunks: AsyncIterator[str], path: str) -> AsyncIterator[str]:
+    """A route's SSE chunks; a failure once the stream has begun ends it with an error event in the
+    API's style (a status can no longer be sent), logged once."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as e:
+        log.error("%s: stream ended by an error: %s", path, e.message)
+        yield sse(error_body(path, e), "error" if is_anthropic(path) else None)
+    except Exception:
+        log.exception("%s: stream failed", path)
+        err = APIError(500, "internal server error")
+        yield sse(error_body(path, err), "error" if is_anthropic(path) else None)
