@@ -1,12 +1,13 @@
-"""Helpers for the serving tests: a test-only output script and a /metrics reader.
+"""Helpers for the serving tests: a generator that scripts some replies, and a /metrics reader.
 
-SCRIPTED OUTPUT (test-only): most serving tests check the server's handling of exact replies, which a
-model's sampled tokens do not give. `weather_script` is passed as `Scheduler(script=...)`: for a prompt that
-declares the `get_weather` tool and holds no tool result yet it forces Kimi's native tool-call
-tokens, and for a prompt holding a `## Return of` tool result it forces a short answer; a prompt
-holding `LONG_TALK` gets 400 tokens with no stop (the trained model ends its replies itself). Every
-other prompt gets the model's own tokens. Forced jobs still take a slot and decode with the
-others; only the token ids handed to the server are replaced.
+SCRIPTED REPLIES (test-only): most serving tests check the server's handling of exact replies, which a
+model's sampled tokens do not give. `ScriptedGenerator` wraps the real Generator and is what the
+scheduler runs: for a prompt that `weather_script` recognises, the tokens handed to the scheduler are
+the script's instead of the model's. It forces Kimi's native tool-call tokens for a prompt that declares
+the `get_weather` tool and holds no tool result yet, a short answer for a prompt holding a `## Return of`
+tool result, and 400 tokens with no stop for a prompt holding `LONG_TALK` (the trained model ends its
+replies itself). Every other prompt gets the model's own tokens. A scripted request still takes a slot,
+prefills and decodes with the others, and its reply is cut at the request's max_tokens like a model's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from __future__ import annotations
 import json
 import re
 
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.runtime.generation import DecodeState
 from kimi_jax.serve.cli import LiveServer  # noqa: F401  (re-exported for the tests)
 
 WEATHER_CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
@@ -59,7 +64,7 @@ def tool_call_with_client(client, model_name: str):
 def weather_script(tokenizer):
     def script(prompt):
         text = tokenizer.decode(prompt)
-        if LONG_TALK in text:  # a reply of 400 tokens with no stop in it (a scripted row runs as long as its script)
+        if LONG_TALK in text:  # a reply of 400 tokens with no stop in it
             return tokenizer.encode("la " * 400)[:400]
         if "get_weather" not in text:
             return None
@@ -67,6 +72,61 @@ def weather_script(tokenizer):
         return tokenizer.encode_with_special(answer) + [tokenizer.im_end_id]
 
     return script
+
+
+class ScriptedGenerator:
+    """The real Generator, with the replies to scripted prompts rewritten (see the module docstring).
+
+    script(prompt ids) -> token ids, or None for the model's own reply. The scheduler uses a generator
+    through prefill_prompts / insert / decode (and its settings, forwarded): prefill gives a scripted
+    row the script's first token, `insert` says which slot the row lands in, and each decode call's
+    tokens for that slot are the script's next ones. The slot's real row runs with no stop ids and a
+    length of the (cut) script, so the row's `done` falls exactly when the script ends.
+    """
+
+    def __init__(self, generator, script):
+        self.generator, self.script = generator, script
+        self._admitted: list[list[int] | None] = []  # the last prefill's rows: scripted tokens or None
+        self._slots: dict[int, list] = {}  # slot -> [scripted tokens, how many handed out]
+
+    def __getattr__(self, name):  # cfg, dtype, mesh, layout, batch_shards, steps_per_call
+        return getattr(self.generator, name)
+
+    def prefill_prompts(self, requests):
+        logits, small, state, rows, first = self.generator.prefill_prompts(requests)
+        first, state = np.array(first), DecodeState(*(np.array(x) for x in state))
+        self._admitted = []
+        for k, request in enumerate(requests):
+            tokens = self.script(request.prompt)
+            tokens = None if tokens is None else list(tokens)[:request.max_new_tokens]  # bounded like a model
+            self._admitted.append(tokens)
+            if tokens:
+                first[k], state.done[k] = tokens[0], len(tokens) == 1
+        return logits, small, state, rows, first
+
+    def insert(self, cache, small, row, slot):
+        tokens = self._admitted[row]
+        if tokens:
+            self._slots[slot] = [tokens, 1]
+        else:
+            self._slots.pop(slot, None)
+        return self.generator.insert(cache, small, row, slot)
+
+    def decode(self, cache, state, rows, steps=None):
+        if self._slots:
+            slots = np.array(list(self._slots))
+            lengths = np.array([len(tokens) for tokens, _ in self._slots.values()], np.int32)
+            rows = rows._replace(stop_ids=jnp.asarray(rows.stop_ids).at[slots].set(-1),
+                                 max_new=jnp.asarray(rows.max_new).at[slots].set(lengths))
+        cache, state, out = self.generator.decode(cache, state, rows, steps)
+        out = np.array(out)  # (steps, B)
+        for slot, entry in self._slots.items():
+            tokens, given = entry
+            for step in np.flatnonzero(out[:, slot] >= 0):
+                out[step, slot] = tokens[min(given, len(tokens) - 1)]
+                given += 1
+            entry[1] = given
+        return cache, state, out
 
 
 def metrics(url: str) -> dict[str, float]:

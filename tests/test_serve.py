@@ -1,9 +1,9 @@
 """The HTTP server with real clients (openai, anthropic, httpx) against uvicorn on 127.0.0.1.
 
 One server for the module: the embedded tiny chat model behind a 16-slot scheduler. Replies to
-prompts that declare `get_weather` come from the test-only script in tests/serve_util.py, so that
-the exact tool-call handling can be checked (see its docstring); tests/test_serve_cli.py runs the
-same loop on the model's own replies.
+prompts that declare `get_weather` are scripted by the generator the scheduler runs
+(`ScriptedGenerator` in tests/serve_util.py), so that the exact tool-call handling can be checked (see
+its docstring); tests/test_serve_cli.py runs the same loop on the model's own replies.
 """
 
 from __future__ import annotations
@@ -19,18 +19,22 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from serve_util import (  # noqa: E402
-    LONG_TALK, TOOLS, WEATHER_ANSWER, LiveServer, get_weather, metrics, tool_call_with_client, weather_script)
+    LONG_TALK, TOOLS, WEATHER_ANSWER, LiveServer, ScriptedGenerator, get_weather, metrics, tool_call_with_client,
+    weather_script)
 
 MODEL = "kimi-k2-instruct"
 SLOTS = 16
 
 @pytest.fixture(scope="module")
 def server():
+    from kimi_jax.runtime.default_model import load_default
     from kimi_jax.serve.app import create_app
     from kimi_jax.serve.cli import build_server, parse_args
 
-    srv = build_server(parse_args(["--max-batch", str(SLOTS), "--max-context", "512", "--max-prefill", "4"]))
-    srv.scheduler.script = weather_script(srv.tokenizer)
+    model = load_default()
+    scripted = ScriptedGenerator(model.generator, weather_script(model.tokenizer))
+    srv = build_server(parse_args(["--max-batch", str(SLOTS), "--max-context", "512", "--max-prefill", "4"]), model,
+                       scripted)
     live = LiveServer(create_app(srv))
     live.srv = srv
     yield live
@@ -89,6 +93,14 @@ def test_tool_call_streaming(client):
     plain = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none",
                                            max_tokens=4)
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+
+
+def test_scripted_reply_is_cut_at_max_tokens(client):
+    """A scripted reply is bounded by max_tokens like the model's own: cut short, the call is text."""
+    messages = [{"role": "user", "content": "What's the weather like in Beijing today?"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=3)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+    assert out.choices[0].message.tool_calls is None and "<|tool_call_begin|>" in out.choices[0].message.content
 
 
 def test_anthropic_messages(server):

@@ -357,6 +357,26 @@ class Generator:
             res.finish_reason = "stop" if stopped else "length"
         return results
 
+    def insert(self, cache, small, row: int, slot: int):
+        """Copy row `row` of a prefill cache (from `prefill_prompts`) into slot `slot` of a decode cache,
+        which is donated: use the returned one. The scheduler admits each request this way."""
+        return _insert_row(cache, small, row, slot)
+
+
+def _copy_row(cache: dict[str, LatentCache], small: dict[str, LatentCache], src, dst) -> dict[str, LatentCache]:
+    """Row `src` of a prefill cache [L, b, T, w] into slot `dst` of a slot cache [L, B, S, w]
+    (its first min(T, S) positions; a prompt never reaches past S)."""
+
+    def one(big, part):
+        s = big.shape[2]
+        row = jax.lax.dynamic_slice_in_dim(part, src, 1, axis=1)[:, :, :s]  # (L, 1, min(T, S), w)
+        return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (0, dst, 0, 0))
+
+    return jax.tree.map(one, cache, small)
+
+
+_insert_row = jax.jit(_copy_row, donate_argnums=(0,))  # src, dst traced: one program per cache shape
+
 
 # Text-level helpers (used by Model.stream / Model.chat) ------------------------------------------
 def stream_pieces(generator: Generator, request: Request, tokenizer=None) -> Iterator[Piece]:

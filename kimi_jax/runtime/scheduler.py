@@ -24,14 +24,13 @@ import collections
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows
 from kimi_jax.model.decoder import init_cache
+from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows
 
 MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
 
@@ -51,7 +50,6 @@ class Job:
 
     request: Request
     sink: Callable[[list[int], str | None], None]
-    forced: tuple[int, ...] | None = None  # test-only scripted output (see `Scheduler.script`)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generated: int = 0
@@ -90,27 +88,24 @@ class Metrics:
 class Scheduler:
     """Continuous batching over `generator` with `max_batch` slots of `max_context` positions.
 
-    script: test-only hook, `script(prompt_ids) -> token ids | None`. When it returns ids, the
-    job's output is those ids instead of the model's (the job still occupies a slot and decodes,
-    so the scheduling path is the real one); it documents itself in tests/test_serve.py.
+    The generator is used through `cfg`, `dtype`, `mesh`, `layout`, `batch_shards`,
+    `steps_per_call`, `prefill_prompts`, `insert` and `decode` alone, so a stand-in with those
+    (tests/serve_util.py rewrites the replies to scripted prompts) is scheduled like the real one.
     """
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_context: int = 4096, max_queue: int = 256,
-                 max_prefill: int = 8, steps_per_call: int | None = None,
-                 script: Callable[[Sequence[int]], Sequence[int] | None] | None = None):
+                 max_prefill: int = 8, steps_per_call: int | None = None):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
         self.max_context = min(max_context, generator.cfg.max_position_embeddings)
         self.max_queue, self.max_prefill = max_queue, max_prefill
         self.steps_per_call = steps_per_call or generator.steps_per_call
-        self.script = script
         self.metrics = Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._slots: list[Job | None] = [None] * self.max_batch
         self._wake = threading.Condition()
         self._stop = False
-        self._insert = jax.jit(_insert_row, donate_argnums=(0,))
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -124,8 +119,7 @@ class Scheduler:
             raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(request.stop_ids)}")
         if self._thread is not None and not self._thread.is_alive():
             raise SchedulerStopped(f"the model thread has stopped ({self.error!r}); restart the server")
-        forced = self.script(request.prompt) if self.script is not None else None
-        job = Job(request, sink, tuple(forced) if forced is not None else None)
+        job = Job(request, sink)
         with self._wake:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
@@ -226,10 +220,10 @@ class Scheduler:
             first = np.asarray(first)  # blocks: the first tokens are ready
             state = jax.tree.map(np.asarray, state)
             for k, (job, slot) in enumerate(zip(jobs, free)):
-                self._cache = self._insert(self._cache, small, k, slot)
+                self._cache = self.generator.insert(self._cache, small, k, slot)
                 for field, value in zip(self._state, state):
                     field[slot] = value[k]
-                self._set_rows(slot, job)
+                self._set_rows(slot, job.request)
                 self._slots[slot] = job
                 self.metrics.prompt_tokens += len(job.request.prompt)
             self._rows_device = None
@@ -238,17 +232,12 @@ class Scheduler:
             for k, (job, slot) in enumerate(zip(jobs, free)):
                 self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [])
 
-    def _set_rows(self, slot: int, job: Job) -> None:
-        request, r = job.request, self._rows
-        s = request.sampling
+    def _set_rows(self, slot: int, request: Request) -> None:
+        r, s = self._rows, request.sampling
         r.temperature[slot], r.top_p[slot], r.top_k[slot] = s.temperature, s.top_p, s.top_k
         r.seed[slot], r.max_new[slot] = s.seed, request.max_new_tokens
         r.stop_ids[slot] = -1
-        if job.forced is None:
-            r.stop_ids[slot, :len(request.stop_ids)] = request.stop_ids
-        else:  # a scripted row runs exactly as long as its script, whatever the model samples
-            r.max_new[slot] = len(job.forced)
-            self._state.done[slot] = len(job.forced) <= 1
+        r.stop_ids[slot, :len(request.stop_ids)] = request.stop_ids
 
     def _decode(self) -> None:
         start = time.perf_counter()
@@ -276,9 +265,6 @@ class Scheduler:
     def _deliver(self, slot: int, job: Job, tokens: list[int]) -> None:
         """Hand new tokens to a job; finish it and free its slot when its row is done."""
         done = bool(self._state.done[slot])
-        if job.forced is not None:  # test-only script: substitute the scripted ids, in order
-            tokens = list(job.forced[job.generated:job.generated + len(tokens)])
-            done = job.generated + len(tokens) >= len(job.forced)
         if tokens and job.first_token_at is None:
             job.first_token_at = time.perf_counter()
             self.metrics.observe_ttft(job.first_token_at - job.submitted)
@@ -298,16 +284,4 @@ class Scheduler:
         job.finished = True
         self.metrics.requests[reason.split(":")[0]] += 1
         job.sink(list(tokens), reason)
-
-
-def _insert_row(cache: dict[str, Any], small: dict[str, Any], src, dst) -> dict[str, Any]:
-    """Copy row `src` of a prefill cache [L, b, T, w] into slot `dst` of the slot cache [L, B, S, w]
-    (the first min(T, S) positions; a prompt never reaches past S)."""
-
-    def one(big, part):
-        s = big.shape[2]
-        row = jax.lax.dynamic_slice_in_dim(part, src, 1, axis=1)[:, :, :s]  # (L, 1, min(T, S), w)
-        return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (0, dst, 0, 0))
-
-    return jax.tree.map(one, cache, small)
 

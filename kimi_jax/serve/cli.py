@@ -75,13 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_server(args: argparse.Namespace, script=None) -> Server:
-    """Load the model the flags name (--checkpoint, or the embedded tiny chat model) and start the
-    scheduler's thread (`script`: the scheduler's test-only hook)."""
-    model = load_checkpoint_or_default(args.checkpoint, args.dtype, mesh=args.mesh)
-    scheduler = Scheduler(model.generator, max_batch=args.max_batch, max_context=args.max_context,
-                          max_queue=args.max_queue, max_prefill=args.max_prefill,
-                          steps_per_call=args.steps_per_call, script=script).start()
+def build_server(args: argparse.Namespace, model=None, generator=None) -> Server:
+    """A Server over `model` (default: what --checkpoint names, or the embedded tiny chat model) with
+    its scheduler's thread started.
+
+    generator: what the scheduler runs (default the model's own; tests/serve_util.py passes one
+    that rewrites the replies to scripted prompts)."""
+    if model is None:
+        model = load_checkpoint_or_default(args.checkpoint, args.dtype, mesh=args.mesh)
+    scheduler = Scheduler(generator if generator is not None else model.generator, max_batch=args.max_batch,
+                          max_context=args.max_context, max_queue=args.max_queue, max_prefill=args.max_prefill,
+                          steps_per_call=args.steps_per_call).start()
     return Server(model, scheduler, args.served_model_name, args.api_key)
 
 
