@@ -1,0 +1,176 @@
+"""The serving layer without a model: the streaming detokenizer, error paths that need a failure on
+cue (a fake scheduler, FastAPI's TestClient), and the import order of kimi_jax/serve."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kimi_jax.runtime.default_model import default_checkpoint
+from kimi_jax.runtime.scheduler import Metrics
+from kimi_jax.serve.app import create_app
+from kimi_jax.serve.server import Server
+from kimi_jax.text.detokenize import Detokenizer, Piece
+from kimi_jax.text.tokenizer import load_tokenizer
+
+MODEL = "kimi-k2-instruct"
+SERVE = Path(__file__).resolve().parents[1] / "kimi_jax" / "serve"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(default_checkpoint())
+
+
+# The detokenizer ------------------------------------------------------------------------------
+def test_detokenizer_joins_to_the_text_and_drops_the_stop_token(tok):
+    text = "Grüße, 世界!"
+    ids = tok.encode(text) + [tok.im_end_id]
+    det = Detokenizer(tok, tok.stop_ids)
+    pieces = [det.push(t) for t in ids]
+    assert "".join(p.text for p in pieces) == text and pieces[-1] == Piece(tok.im_end_id, "")
+    assert all("\ufffd" not in p.text for p in pieces) and det.finish_reason == "stop"
+    with pytest.raises(RuntimeError, match="after the sequence ended"):
+        det.push(ids[0])
+    cut = Detokenizer(tok, tok.stop_ids)  # the last token by length flushes a truncated character
+    head = tok.encode("世")[:-1]  # 2 of its 3 bytes
+    assert [cut.push(t, last=i == len(head) - 1).text for i, t in enumerate(head)] == ["", "\ufffd"]
+    assert cut.finish_reason == "length"
+
+
+def test_detokenizer_holds_back_a_partial_stop_string(tok):
+    text = "one two three four"
+    ids = tok.encode(text)
+    det = Detokenizer(tok, tok.stop_ids, ["three", "thr!"])
+    out = ""
+    for t in ids:
+        piece = det.push(t)
+        out += piece.text
+        assert not out.endswith("thr"), out  # a possible start of a stop string is not sent yet
+        if det.done:
+            break
+    assert out == "one two " and det.finish_reason == "stop" and det.stop_sequence == "three"
+    held = Detokenizer(tok, tok.stop_ids, ["two!"])  # a held prefix comes out when the sequence ends
+    ids = tok.encode("one two")
+    assert "".join(held.push(t).text for t in ids) + held.finish() == "one two" and held.stop_sequence is None
+
+
+# The app around a fake scheduler --------------------------------------------------------------
+class FakeScheduler:
+    """Stands in for the model thread: every request gets `tokens` (cut at max_tokens), three at a
+    time; with `fail`, the second delivery is an error instead."""
+
+    max_context, max_batch, queue_depth, active, alive = 256, 1, 0, 0, True
+
+    def __init__(self, tokens, stop_ids, fail=False):
+        self.tokens, self.stop_ids, self.fail = list(tokens), set(stop_ids), fail
+        self.metrics, self.cancelled = Metrics(), []
+
+    def submit(self, request, sink):
+        tokens = self.tokens[:request.max_new_tokens]
+        chunks = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+        for i, chunk in enumerate(chunks):
+            if self.fail and i == 1:
+                sink([], "error: RuntimeError: boom")
+                break
+            last = i == len(chunks) - 1
+            sink(chunk, ("stop" if chunk[-1] in self.stop_ids else "length") if last else None)
+        return request
+
+    def cancel(self, job):
+        self.cancelled.append(job)
+
+
+def _client(tok, text="It is sunny in Beijing today.", fail=False):
+    scheduler = FakeScheduler(tok.encode(text) + [tok.im_end_id], tok.stop_ids, fail)
+    model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=tok.vocab_size))
+    server = Server(model, scheduler, MODEL)
+    return TestClient(create_app(server), raise_server_exceptions=False), server
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 64}
+MESSAGES = {**CHAT}
+
+
+def test_stop_strings_end_the_reply_and_cancel_the_job(tok):
+    client, server = _client(tok)
+    r = client.post("/v1/chat/completions", json={**CHAT, "stop": ["Beijing"]})
+    assert r.json()["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "It is sunny in "},
+                                      "logprobs": None, "finish_reason": "stop"}
+    assert len(server.scheduler.cancelled) == 1
+    r = client.post("/v1/messages", json={**MESSAGES, "stop_sequences": ["sunny"]})
+    assert (r.json()["stop_reason"], r.json()["stop_sequence"], r.json()["content"]) == (
+        "stop_sequence", "sunny", [{"type": "text", "text": "It is "}])
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 64})
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("It is sunny in Beijing today.", "stop")
+
+
+def test_an_unexpected_exception_is_a_generic_500_logged_once(tok, caplog, monkeypatch):
+    client, server = _client(tok)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server, "chat_prompt", broken)
+    with caplog.at_level(logging.ERROR, logger="kimi_jax.serve"):
+        r = client.post("/v1/chat/completions", json=CHAT)
+        a = client.post("/v1/messages", json=MESSAGES)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert a.status_code == 500 and a.json()["type"] == "error" and a.json()["error"]["type"] == "api_error"
+    assert "secret" not in r.text + a.text
+    logged = [rec for rec in caplog.records if rec.exc_info]
+    assert len(logged) == 2 and all("secret internals" in str(rec.exc_info[1]) for rec in logged)
+
+
+def test_a_generation_error_mid_stream_ends_the_stream_with_an_error_event(tok):
+    client, _ = _client(tok, fail=True)
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 500  # not streaming: a 500
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and "generation failed" in events[-1]["error"]["message"]
+    with client.stream("POST", "/v1/messages", json={**MESSAGES, "stream": True}) as r:
+        lines = list(r.iter_lines())
+    assert "event: error" in lines and json.loads(lines[-2][6:])["error"]["type"] == "api_error"
+
+
+def test_fastapi_validation_errors_take_the_api_style(tok):
+    client, _ = _client(tok)
+    app = client.app
+
+    @app.get("/v1/messages/probe")
+    async def probe(n: int):  # a typed parameter: FastAPI validates it itself
+        return {"n": n}
+
+    r = client.get("/v1/messages/probe", params={"n": "x"})
+    assert r.status_code == 400 and r.json()["type"] == "error" and r.json()["error"]["message"].startswith("query.n:")
+
+
+# Import order ---------------------------------------------------------------------------------
+LAYERS = ["errors", "validation", "metrics", "server", "streaming", "openai", "anthropic", "app", "cli", "__main__"]
+
+
+def test_serve_modules_import_only_lower_ones():
+    """kimi_jax/serve/__init__.py's order, function-local imports included: no cycle, and nothing but
+    the command line imports the app."""
+    assert sorted(p.stem for p in SERVE.glob("*.py") if p.stem != "__init__") == sorted(LAYERS)
+    for path in SERVE.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name.startswith("kimi_jax.serve."):
+                    used = name.split(".")[2]
+                    if used in LAYERS:
+                        assert LAYERS.index(used) < LAYERS.index(path.stem), f"{path.name} imports {name}"
