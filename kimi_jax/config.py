@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +105,6 @@ class Config:
     @property
     def quantized(self) -> bool:
         return self.weight_block_size is not None
-
-    @property
-    def softmax_scale(self) -> float:
-        """(qk_nope + qk_rope)^-0.5, times mscale² under YaRN (as DeepSeek and Hugging Face do)."""
-        scale = self.qk_head_dim ** -0.5
-        r = self.rope_scaling
-        if r is not None and r.mscale_all_dim and r.factor > 1:
-            m = 0.1 * r.mscale_all_dim * math.log(r.factor) + 1.0
-            scale *= m * m
-        return scale
 
     @property
     def kv_cache_width(self) -> int:

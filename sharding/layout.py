@@ -9,7 +9,7 @@ The routed experts run in `jax.shard_map` (see DESIGN.md for why this strategy):
     intermediate dim split along `tensor`;
   * it sees every token of its group (tokens are replicated over the group's axes, or gathered
     when the batch is split over one of them), routes them (cheap, replicated), runs the tokens
-    assigned to *its* experts through the backend's grouped kernel, and zeros the rest;
+    assigned to *its* experts through the backend's expert kernel, and zeros the rest;
   * partial outputs are summed over the group: `psum` over the axes the batch is not split on,
     `psum_scatter` back to each device's tokens over those it is.
 Buffers are sized for every assignment landing on one device, so no token is ever dropped and
@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kimi_jax.checkpoint.hf import Placer
 from kimi_jax.config import KIMI_K2, Config
 from kimi_jax.model.layout import Layout
 from kimi_jax.model.quant import QArray
@@ -81,11 +80,6 @@ class MeshLayout(Layout):
                 spec[d] = None  # e.g. a batch of 1 at decode: a hint, not a requirement
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
 
-    def streams(self, x: jax.Array) -> bool:
-        """Never: a streamed product slices its weight in a loop, which on a sharded weight would
-        gather it (the base class streams only on one CPU device)."""
-        return False
-
     def experts(self, kernel: Callable) -> Callable:
         """The routed-expert kernel, run expert-parallel in shard_map (module docstring)."""
         mesh, rules = self.mesh, self.rules
@@ -97,7 +91,7 @@ class MeshLayout(Layout):
         expert_axes = rules.mesh_axes("experts")
         tok = rules.spec(TOKENS, "MoE tokens")
 
-        def run(x, weights, idx, gate, up, down, backend):
+        def run(x, weights, idx, gate, up, down):
             w_specs = [_weight_spec(w, rules.spec(specs[name], name), mesh) for name, w in
                        (("experts_gate", gate), ("experts_up", up), ("experts_down", down))]
             blocks = [w.block if isinstance(w, QArray) else None for w in (gate, up, down)]
@@ -108,7 +102,7 @@ class MeshLayout(Layout):
                 ws = [local_blocks(w, s.values, s.scales, b) if isinstance(w, QArray) else w
                       for w, s, b in zip((gate, up, down), w_specs, blocks)]
                 first = jax.lax.axis_index(expert_axes) * gate.shape[0] if expert_axes else 0
-                y = kernel(x, weights, idx, *ws, backend, first_expert=first, out_dtype=jnp.float32)
+                y = kernel(x, weights, idx, *ws, first_expert=first, out_dtype=jnp.float32)
                 if gathered:
                     y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
                 if summed:
@@ -139,7 +133,7 @@ class MeshLayout(Layout):
         """How many ways the batch is split (a batch must be a multiple of this)."""
         return _size(self.mesh, self.rules.mesh_axes("batch"))
 
-    def placer(self, cfg: Config) -> Placer:
+    def placer(self, cfg: Config) -> Callable[[Leaf, str, tuple[int, ...], Callable], jax.Array]:
         """A `load_hf_params` placer: each device's slice is read from the checkpoint on its own.
 
         Devices that hold the same slice (replicas) share one host read.

@@ -14,7 +14,7 @@ from kimi_jax.checkpoint.hf import CheckpointError, save_hf_checkpoint
 from kimi_jax.config import TINY_KIMI
 from kimi_jax.checkpoint.convert import convert
 from kimi_jax.checkpoint.orbax import MARKER
-from kimi_jax.model.quant import QArray, dequantize_np
+from kimi_jax.model.quant import QArray, dequantize
 from kimi_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, save_file
 from kimi_jax.model.weights import random_params
 
@@ -74,7 +74,7 @@ def test_bf16_source_quantized(tmp_path):
     model = kimi_jax.load(out, dtype="float32")
     assert model.config.weight_block_size == (128, 128)
     q = model.params["moe_layers"]["attn"]["q_b_proj"]
-    w = dequantize_np(np.asarray(q.values).view("float8_e4m3fn"), np.asarray(q.scales))
+    w = dequantize(QArray(np.asarray(q.values).view("float8_e4m3fn"), np.asarray(q.scales)), np.float32)
     src = np.asarray(params["moe_layers"]["attn"]["q_b_proj"], np.float32)
     assert np.abs(w - src).max() <= 0.07 * np.abs(src).max()  # fp8 e4m3: 3 mantissa bits
 
@@ -149,7 +149,7 @@ def test_missing_group_in_orbax(converted, tmp_path):
 
 
 def test_cli_progress(hub_checkpoint, tmp_path):
-    from kimi_jax.checkpoint.convert import main
+    from kimi_jax.convert import main
 
     hf, _ = hub_checkpoint(TINY_KIMI)
     import contextlib

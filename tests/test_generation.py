@@ -72,7 +72,7 @@ def test_absorbed_equals_expanded_attention(kimi, teacher):
     cfg, (b, t) = kimi.config, tokens.shape
     outs = {}
     for absorb in (False, True):
-        module = Transformer(cfg, absorb=absorb, dtype=jnp.float32)
+        module = Transformer(cfg, absorb=absorb, backend=kimi.backend, dtype=jnp.float32)
         run = jax.jit(lambda p, x, pos, c, m=module: m.apply({"params": p}, x, pos, c))
         outs[absorb] = run(kimi.params, tokens, positions, init_cache(cfg, b, t, jnp.float32))
     (lo_e, cache_e), (lo_a, cache_a) = outs[False], outs[True]

@@ -1,21 +1,24 @@
-"""Routed-expert kernels against the simple per-expert loop, including adversarial token distributions."""
+"""Routed-expert kernels against the simple per-expert loop, including adversarial token distributions,
+and the backend policy that picks a kernel per platform."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.model.moe import expert_backend, reference_experts, routed_experts, tile_rows
-from kimi_jax.model.quant import QArray
-from kimi_jax.model.weights import quantize_jnp
+from kimi_jax import kernels
+from kimi_jax.kernels import grouped
+from kimi_jax.kernels.grouped import tile_rows
+from kimi_jax.model.experts import reference_experts
+from kimi_jax.model.quant import QArray, quantize_block_fp8
 
 E, D, I, K = 12, 40, 24, 3
 
 
 def experts(seed: int):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    gate, up = (quantize_jnp(0.2 * jax.random.normal(k, (E, I, D)), (16, 16)) for k in keys[:2])
-    down = quantize_jnp(0.2 * jax.random.normal(keys[2], (E, D, I)), (16, 16))
+    gate, up = (QArray(*quantize_block_fp8(0.2 * jax.random.normal(k, (E, I, D)), (16, 16))) for k in keys[:2])
+    down = QArray(*quantize_block_fp8(0.2 * jax.random.normal(keys[2], (E, D, I)), (16, 16)))
     return gate, up, down
 
 
@@ -29,15 +32,15 @@ def assignments(kind: str, n: int, rng):
     return jnp.asarray(idx, jnp.int32), jnp.asarray(rng.random((n, K)), jnp.float32)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "ragged"])
+@pytest.mark.parametrize("kernel", ["grouped", "ragged"])
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "last"])
 @pytest.mark.parametrize("n", [1, 5, 64])
-def test_kernels_equal_loop_reference(backend, kind, n):
+def test_kernels_equal_loop_reference(kernel, kind, n):
     rng = np.random.default_rng(n)
     gate, up, down = experts(n)
     x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
     idx, weights = assignments(kind, n, rng)
-    got = jax.jit(routed_experts, static_argnames="backend")(x, weights, idx, gate, up, down, backend=backend)
+    got = jax.jit(kernels.EXPERT_KERNELS[kernel])(x, weights, idx, gate, up, down)
     want = reference_experts(x, weights, idx, gate, up, down)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
@@ -47,7 +50,7 @@ def test_plain_weights_work_too():
     gate, up, down = (jnp.asarray(rng.standard_normal(s), jnp.float32) * 0.2 for s in [(E, I, D), (E, I, D), (E, D, I)])
     x = jnp.asarray(rng.standard_normal((7, D)), jnp.float32)
     idx, weights = assignments("uniform", 7, rng)
-    np.testing.assert_allclose(routed_experts(x, weights, idx, gate, up, down),
+    np.testing.assert_allclose(kernels.GROUPED(x, weights, idx, gate, up, down),
                                reference_experts(x, weights, idx, gate, up, down), rtol=2e-5, atol=2e-5)
 
 
@@ -58,24 +61,35 @@ def test_tile_size_reads_only_chosen_experts_at_decode():
 
 
 def test_backend_choice_per_platform():
-    assert expert_backend("cpu") == "grouped"
-    assert expert_backend("gpu") == expert_backend("tpu") == "ragged"
-    with pytest.raises(ValueError, match="unknown expert backend"):
-        gate, up, down = experts(0)
-        routed_experts(jnp.zeros((1, D)), jnp.ones((1, K)), jnp.zeros((1, K), jnp.int32), gate, up, down, "dense")
+    """One policy decides fp8 storage, the expert kernel and dense streaming from the target devices."""
+    from kimi_jax.kernels import streamed
+    from kimi_jax.model import quant
+
+    cpu, cpu_mesh, gpu, tpu = (kernels.choose("cpu"), kernels.choose("cpu", 8), kernels.choose("gpu", 8),
+                               kernels.choose("tpu", 64))
+    assert cpu.experts is cpu_mesh.experts is kernels.GROUPED
+    assert gpu.experts is tpu.experts is kernels.RAGGED
+    assert cpu.fp8_storage == cpu_mesh.fp8_storage == np.uint8
+    assert gpu.fp8_storage == tpu.fp8_storage == np.dtype("float8_e4m3fn")
+    assert cpu.linear is streamed.linear and cpu.logits is streamed.logits  # one CPU device: decode streams
+    assert cpu_mesh.linear is gpu.linear is tpu.linear is quant.linear  # a mesh never streams a sharded weight
+    assert kernels.choose("cpu", experts="ragged").experts is kernels.RAGGED  # tests run every kernel on CPU
+    assert kernels.for_devices(jax.devices()[:1]) == cpu and kernels.for_devices(jax.devices()) == cpu_mesh
+    with pytest.raises(ValueError, match="unknown expert kernel 'dense'"):
+        kernels.choose("cpu", experts="dense")
+    with pytest.raises(ValueError, match="unknown platform 'metal'"):
+        kernels.choose("metal")
 
 
 def test_grouped_kernel_in_several_chunks(monkeypatch):
     """A tiny chunk budget forces one tile per chunk (the Kimi-K2 case): same result as the loop."""
-    import kimi_jax.model.moe as moe
-
-    monkeypatch.setattr(moe, "CHUNK_BYTES", 1)
-    assert moe.tile_chunk(40, I * D) == 1
+    monkeypatch.setattr(grouped, "CHUNK_BYTES", 1)
+    assert grouped.tile_chunk(40, I * D) == 1
     rng = np.random.default_rng(3)
     gate, up, down = experts(3)
     x = jnp.asarray(rng.standard_normal((33, D)), jnp.float32)
     idx, weights = assignments("uniform", 33, rng)
-    np.testing.assert_allclose(routed_experts(x, weights, idx, gate, up, down, backend="grouped"),
+    np.testing.assert_allclose(kernels.GROUPED(x, weights, idx, gate, up, down),
                                reference_experts(x, weights, idx, gate, up, down), rtol=2e-5, atol=2e-5)
 
 
@@ -86,14 +100,14 @@ def test_compiled_forward_holds_no_high_precision_copy_of_the_expert_stack():
 
     from kimi_jax.config import TINY_KIMI
     from kimi_jax.model.decoder import Transformer
-    from kimi_jax.model.quant import storage_dtype
     from kimi_jax.model.weights import abstract_params, param_bytes
 
     cfg = dataclasses.replace(TINY_KIMI, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64,
                               num_hidden_layers=7)
-    params = abstract_params(cfg, storage_dtype("cpu"))
+    cpu = kernels.choose("cpu")
+    params = abstract_params(cfg, cpu.fp8_storage)
     tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
-    model = Transformer(cfg, dtype=jnp.bfloat16)
+    model = Transformer(cfg, backend=cpu, dtype=jnp.bfloat16)
     compiled = jax.jit(lambda p, t: model.apply({"params": p}, t, t)[0]).lower(params, tokens).compile()
     expert_bytes = param_bytes(params["moe_layers"]["ffn"])
     # An f16 stack would be 2x expert_bytes; every tile dequantized at once about 1.6x here.
@@ -108,7 +122,7 @@ def test_grouped_kernel_on_cpu_byte_storage(n):
     gate, up, down = (QArray(q.values.view(jnp.uint8), q.scales) for q in experts(n))
     x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
     idx, weights = assignments("uniform", n, rng)
-    got = jax.jit(routed_experts, static_argnames="backend")(x, weights, idx, gate, up, down, backend="grouped")
+    got = jax.jit(kernels.GROUPED)(x, weights, idx, gate, up, down)
     np.testing.assert_allclose(got, reference_experts(x, weights, idx, *experts(n)), rtol=2e-5, atol=2e-5)
 
 
@@ -120,15 +134,15 @@ def test_compiled_decode_step_copies_no_layer_of_experts():
 
     from kimi_jax.config import TINY_KIMI
     from kimi_jax.model.decoder import Transformer, init_cache
-    from kimi_jax.model.quant import storage_dtype
     from kimi_jax.model.weights import abstract_params, param_bytes
 
     cfg = dataclasses.replace(TINY_KIMI, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64,
                               num_hidden_layers=4)
-    params = abstract_params(cfg, storage_dtype("cpu"))
+    cpu = kernels.choose("cpu")
+    params = abstract_params(cfg, cpu.fp8_storage)
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32))
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    model = Transformer(cfg, absorb=True, dtype=jnp.bfloat16)
+    model = Transformer(cfg, absorb=True, backend=cpu, dtype=jnp.bfloat16)
     step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, t, c))
     compiled = step.lower(params, tokens, cache).compile()
     layer_bytes = param_bytes(params["moe_layers"]["ffn"]) / (cfg.num_hidden_layers - cfg.first_k_dense_replace)

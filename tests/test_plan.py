@@ -12,7 +12,8 @@ import pytest
 from conftest import reference_file
 from kimi_jax import KIMI_K2
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.runtime.plan import HARDWARE, main, plan
+from kimi_jax.plan import main
+from kimi_jax.runtime.plan import HARDWARE, plan
 from kimi_jax.model.weights import abstract_params, count_params
 
 # Weights the default rules split along `tensor` (besides the routed experts, split along expert × tensor).

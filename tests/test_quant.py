@@ -1,4 +1,4 @@
-"""fp8 decoding from CPU byte storage, streamed products, and where the engine chooses to stream."""
+"""fp8 decoding from CPU byte storage, streamed products (kernels/streamed.py), and when they stream."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kimi_jax.model.layout import STREAM_MAX_ROWS, UNSHARDED
-from kimi_jax.model.quant import QArray, dequantize, fp8_to_float32, linear, quantize_block_fp8, streamed_linear
+from kimi_jax import kernels
+from kimi_jax.kernels.streamed import STREAM_MAX_ROWS, streamed_linear, streams
+from kimi_jax.model.quant import QArray, dequantize, fp8_to_float32, linear, quantize_block_fp8
 
 
 def test_fp8_bytes_decode_exactly_on_all_256_codes():
@@ -61,13 +62,19 @@ def test_streamed_linear_rounds_once_to_the_compute_dtype():
 
 def test_single_cpu_device_streams_decode_products_only():
     d = 64
-    assert UNSHARDED.streams(jnp.zeros((1, 1, d)))  # batch-1 decode
-    assert UNSHARDED.streams(jnp.zeros((STREAM_MAX_ROWS, 1, d)))
-    assert not UNSHARDED.streams(jnp.zeros((1, 512, d)))  # prefill
+    assert streams(jnp.zeros((1, 1, d)))  # batch-1 decode
+    assert streams(jnp.zeros((STREAM_MAX_ROWS, 1, d)))
+    assert not streams(jnp.zeros((1, 512, d)))  # prefill
+    w = quantized((1024, d), block=(64, 64))
+    for rows in ((1, 1), (1, 512)):  # either regime, the backend's product equals the plain one
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((*rows, d)), jnp.float32)
+        np.testing.assert_allclose(np.asarray(kernels.choose("cpu").linear(x, w)), np.asarray(linear(x, w)),
+                                   rtol=1e-5, atol=1e-5)
 
 
-def test_mesh_layout_never_streams():
-    from sharding.layout import MeshLayout
+def test_a_mesh_never_streams():
+    """On several devices the dense products are the plain ones: slicing a sharded weight would gather it."""
+    from kimi_jax.model import quant
 
-    layout = MeshLayout.build({"data": 1, "expert": 2, "tensor": 4})
-    assert not layout.streams(jnp.zeros((1, 1, 64)))
+    assert kernels.choose("cpu", devices=8).linear is quant.linear
+    assert kernels.choose("cpu", devices=8).logits is quant.logits

@@ -11,8 +11,10 @@ import pytest
 import kimi_jax
 from kimi_jax.checkpoint.hf import load_hf_params
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.model.moe import reference_experts, route, routed_experts
-from kimi_jax.model.quant import QArray, storage_dtype
+from kimi_jax import kernels
+from kimi_jax.model.experts import reference_experts
+from kimi_jax.model.moe import route
+from kimi_jax.model.quant import QArray
 from kimi_jax.model.weights import random_params
 from sharding import (DP_ATTENTION_RULES, RULES, MeshError, MeshLayout, Rules, check, make_mesh, param_shardings,
                       parse_mesh_spec)
@@ -72,7 +74,7 @@ def test_each_device_holds_only_its_slice(hub_checkpoint):
     model = kimi_jax.load(path, mesh="data=2,expert=2,tensor=2")
     e, i, d, layers = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_moe_layers
     gate = model.params["moe_layers"]["ffn"]["experts_gate"]
-    fp8 = storage_dtype()  # float8_e4m3fn, or its raw bytes as uint8 on CPU: one byte per value either way
+    fp8 = model.backend.fp8_storage  # float8_e4m3fn, or its raw bytes as uint8 on CPU: one byte per value either way
     assert isinstance(gate, QArray) and gate.values.dtype == fp8 and gate.scales.dtype == jnp.float32
     for shard in gate.values.addressable_shards:
         assert shard.data.shape == (layers, e // 2, i // 2, d) and shard.data.dtype == fp8
@@ -146,11 +148,11 @@ def test_no_all_gather_of_expert_weights(hub_checkpoint, mesh, rules):
 
 
 # The expert-parallel kernel against the loop reference -----------------------------------------
-@pytest.mark.parametrize("backend", ["grouped", "ragged"])
+@pytest.mark.parametrize("kernel", ["grouped", "ragged"])
 @pytest.mark.parametrize("mesh,rules,block", [("expert=4,tensor=2", RULES, (8, 8)),
                                               ("data=2,expert=2,tensor=2", DP_ATTENTION_RULES, (128, 128)),
                                               ("expert=8", RULES, (128, 128))])
-def test_expert_parallel_matches_reference(backend, mesh, rules, block):
+def test_expert_parallel_matches_reference(kernel, mesh, rules, block):
     cfg = dataclasses.replace(TINY_DEEPSEEK, weight_block_size=block)
     p = random_params(cfg, seed=3, std=0.05)["moe_layers"]["ffn"]
     w = {k: jax.tree.map(lambda a: jnp.asarray(a[0]), p[k], is_leaf=lambda a: isinstance(a, np.ndarray))
@@ -168,7 +170,7 @@ def test_expert_parallel_matches_reference(backend, mesh, rules, block):
 
     placed = [jax.device_put(e, jax.tree.map(per_layer, shardings[k]))
               for e, k in zip(experts, ("experts_gate", "experts_up", "experts_down"))]
-    run = jax.jit(lambda *a: layout.experts(routed_experts)(*a, backend))
+    run = jax.jit(layout.experts(kernels.EXPERT_KERNELS[kernel]))
     got = run(x, weights, idx, *placed)
     assert rel(got, want) <= 1e-5
 
@@ -181,7 +183,7 @@ def test_first_expert_splits_the_sum():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((9, cfg.hidden_size)), jnp.float32)
     weights, idx = route(x, w["router"], w["router_bias"], cfg)
     experts = (w["experts_gate"], w["experts_up"], w["experts_down"])
-    run = jax.jit(routed_experts)
+    run = jax.jit(kernels.GROUPED)
     full = run(x, weights, idx, *experts)
     halves = sum(run(x, weights, idx, *(q[s] for q in experts), first_expert=s.start)
                  for s in (slice(0, 5), slice(5, 16)))

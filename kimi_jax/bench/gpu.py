@@ -19,10 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kimi_jax import kernels
 from kimi_jax.bench import roofline
 from kimi_jax.bench.compare import TINY, Settings, kimi_decode, kimi_prefill
 from kimi_jax.config import KIMI_K2, Config
-from kimi_jax.model.quant import QArray, storage_dtype
+from kimi_jax.model.quant import QArray
 from kimi_jax.model.weights import build_tree, scale_shape
 from kimi_jax.bench.timing import median_seconds
 
@@ -61,8 +62,11 @@ def _plain(shape: tuple[int, ...], dtype, init: str, key: jax.Array) -> jax.Arra
 
 
 def device_params(cfg: Config, seed: int = 0) -> dict:
-    """Random parameters built on the default device by one compiled program, in the platform's storage dtypes."""
-    fp8 = storage_dtype()
+    """Random parameters built on the default device by one compiled program, in its backend's storage dtypes.
+
+    Not `weights.random_params`: that quantizes float32 draws on the host, far too slow and too big for
+    the ~70 GB a GPU holds; here fp8 values are random bytes (no NaN) with one fixed scale."""
+    fp8 = kernels.for_devices().fp8_storage
 
     def build(key):
         counter = iter(range(1 << 20))

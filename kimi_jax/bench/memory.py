@@ -34,11 +34,13 @@ def _status_kb(field: str) -> int:
 
 
 def child(path: str, storage: str, tokens: int) -> dict:
-    """Runs inside the measuring process: load, forward, report bytes."""
+    """Runs inside the measuring process: load, forward, report bytes. (Imports are local: the parent
+    process only spawns children and should not pay for JAX.)"""
     import jax
     import numpy as np
 
     import kimi_jax
+    from kimi_jax import kernels
     from kimi_jax.checkpoint.hf import load_hf_params
     from kimi_jax.runtime.engine import Model
     from kimi_jax.model.weights import param_bytes
@@ -47,7 +49,8 @@ def child(path: str, storage: str, tokens: int) -> dict:
     baseline = _status_kb("VmRSS") * 1024
     cfg = kimi_jax.Config.from_json(path)
     # storage "fp8" holds float8_e4m3fn on CPU (what a GPU/TPU holds): shows XLA's f16 hoisting.
-    params = load_hf_params(path, cfg, platform="gpu" if storage == "fp8" else None)
+    fp8 = np.dtype("float8_e4m3fn") if storage == "fp8" else kernels.for_devices().fp8_storage
+    params = load_hf_params(path, cfg, storage=fp8)
     model = Model(cfg, params, dtype="bfloat16")
     loaded = _status_kb("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS

@@ -13,7 +13,7 @@ import numpy as np
 
 from kimi_jax.checkpoint.hf import hf_tensors
 from kimi_jax.config import Config
-from kimi_jax.model.quant import dequantize_np
+from kimi_jax.model.quant import QArray, dequantize
 from kimi_jax.checkpoint.hf import SCALE_SUFFIX
 
 
@@ -45,14 +45,14 @@ def hf_state_dict(params: dict[str, Any], cfg: Config, dtype=None) -> dict[str, 
         if name.endswith(SCALE_SUFFIX) or ".experts." in name:
             continue
         if name + SCALE_SUFFIX in tensors:
-            arr = dequantize_np(arr, tensors[name + SCALE_SUFFIX], cfg.weight_block_size)
-        out[name] = torch.from_numpy(np.asarray(arr, np.float32)).to(dtype)
+            arr = dequantize(QArray(arr, tensors[name + SCALE_SUFFIX]), np.float32, cfg.weight_block_size)
+        out[name] = torch.from_numpy(np.array(arr, np.float32)).to(dtype)  # a writable copy
     for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
         def expert(e: int, proj: str, layer: int = layer) -> np.ndarray:
             name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
             w = tensors[name]
             if name + SCALE_SUFFIX in tensors:
-                w = dequantize_np(w, tensors[name + SCALE_SUFFIX], cfg.weight_block_size)
+                w = dequantize(QArray(w, tensors[name + SCALE_SUFFIX]), np.float32, cfg.weight_block_size)
             return np.asarray(w, np.float32)
 
         experts = range(cfg.n_routed_experts)

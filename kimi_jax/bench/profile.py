@@ -3,10 +3,10 @@
 Each part is one jitted call on real weights at decode shapes (batch rows, one token each), timed as
 a median; a jitted no-op gives the per-call dispatch cost, subtracted from every part. The parts,
 scaled by how many layers run them, are compared with one whole step (`Generator.step_logits`):
-    routed experts (grouped kernel, fp8 tiles gathered and dequantized)  × MoE layers
+    routed experts (the backend's kernel: on CPU fp8 tiles gathered and dequantized)  × MoE layers
     the same on pre-dequantized bf16 expert weights (the difference is the dequant's cost)
     shared expert, dense MLP, absorbed MLA attention, lm_head
-Dense products go through the model's layout, as in the step (on one CPU device they stream).
+Every product goes through the model's backend, as in the step (on one CPU device dense products stream).
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.model.attention import MLA, LatentCache
-from kimi_jax.model.layers import swiglu
-from kimi_jax.model.moe import route, routed_experts
-from kimi_jax.model.quant import dequantize
 from kimi_jax.bench.timing import median_seconds
+from kimi_jax.model.attention import MLA, LatentCache
+from kimi_jax.model.decoder import init_cache
+from kimi_jax.model.layers import swiglu
+from kimi_jax.model.moe import route
+from kimi_jax.model.quant import dequantize
 
 
 def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) -> dict[str, float]:
     """Seconds per decode step spent in each part (dispatch subtracted), the sum, and the measured step."""
-    from kimi_jax.model.decoder import init_cache
-
     cfg, p, dt = model.config, model.params, model.dtype
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, cfg.hidden_size)), dt)
@@ -38,11 +37,11 @@ def decode_step_parts(model, batch: int = 1, context: int = 64, reps: int = 20) 
     plain = jax.block_until_ready(tuple(dequantize(w, dt) for w in experts))  # bf16 copies, made once
 
     noop = jax.jit(lambda a: a + 1)
-    routed = jax.jit(lambda x, w, i, e: routed_experts(x, w, i, *e, backend="grouped"))
-    layout = model.generator.layout
-    mlp = jax.jit(lambda x, g, u, d: swiglu(x, g, u, d, layout.linear))
-    head = jax.jit(lambda x, w: layout.logits(x, w, dt))
-    mla = MLA(cfg, True, layout)
+    backend, layout = model.backend, model.generator.layout
+    routed = jax.jit(lambda x, w, i, e: layout.experts(backend.experts)(x, w, i, *e))
+    mlp = jax.jit(lambda x, g, u, d: swiglu(x, g, u, d, backend.linear))
+    head = jax.jit(lambda x, w: backend.logits(x, w, dt))
+    mla = MLA(cfg, True, backend, layout)
     cache = LatentCache(jnp.zeros((batch, context, cfg.kv_lora_rank), dt),
                         jnp.zeros((batch, context, cfg.qk_rope_head_dim), dt))
     positions = jnp.full((batch, 1), context // 2, jnp.int32)

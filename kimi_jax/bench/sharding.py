@@ -25,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kimi_jax import kernels
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.model.moe import route, routed_experts
+from kimi_jax.model.decoder import init_cache
+from kimi_jax.model.moe import route
 from kimi_jax.model.quant import to_storage
 from kimi_jax.model.weights import random_params
+from kimi_jax.runtime.plan import step_program
 from sharding.layout import MeshLayout
 from sharding.rules import DP_ATTENTION_RULES, RULES, param_shardings
 
@@ -62,10 +65,8 @@ def median_ms(fns: dict[str, callable], runs: int) -> dict[str, float]:
 
 def bench_model(runs: int, batch: int = 8, prompt: int = 64, context: int = 256) -> list[dict]:
     """Forward of batch × prompt tokens and a decode step (batch × 1 token, `context`-slot cache)."""
-    from kimi_jax.model.decoder import init_cache
-    from kimi_jax.runtime.plan import step_program
-
-    host = jax.tree.map(to_storage, random_params(BENCH, seed=0, std=0.05))
+    backend = kernels.for_devices(jax.devices())  # the 8 devices every layout spans
+    host = jax.tree.map(lambda a: to_storage(a, backend.fp8_storage), random_params(BENCH, seed=0, std=0.05))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, BENCH.vocab_size, (batch, prompt)).astype(np.int32)
     positions = np.broadcast_to(np.arange(prompt, dtype=np.int32), (batch, prompt))
@@ -75,8 +76,8 @@ def bench_model(runs: int, batch: int = 8, prompt: int = 64, context: int = 256)
     for label, mesh, rules in MODEL_LAYOUTS:
         layout = MeshLayout.build(mesh, rules)
         params = jax.device_put(host, layout.param_shardings(BENCH))
-        prefill, _ = step_program(BENCH, layout, False, batch, prompt, prompt)
-        decode, _ = step_program(BENCH, layout, True, batch, 1, context)
+        prefill, _ = step_program(BENCH, layout, False, batch, prompt, prompt, backend)
+        decode, _ = step_program(BENCH, layout, True, batch, 1, context, backend)
         caches = {"prefill": init_cache(BENCH, batch, prompt), "decode": init_cache(BENCH, batch, context)}
         # The cache argument is donated: each call gets a fresh copy (outside the timed call is not
         # possible through the dict, so a copy is part of every run for every layout alike).
@@ -92,7 +93,7 @@ def bench_model(runs: int, batch: int = 8, prompt: int = 64, context: int = 256)
 
 
 # One MoE layer --------------------------------------------------------------------------------
-def all_to_all_experts(mesh, backend: str):
+def all_to_all_experts(mesh, kernel):
     """The alternative not taken: tokens split over `expert`, each (token, expert) row sent to the
     device holding its expert with `all_to_all`, and the results sent back.
 
@@ -116,8 +117,8 @@ def all_to_all_experts(mesh, backend: str):
         recv = jax.lax.all_to_all(send, "expert", 0, 0)  # (ex, cap, D): rows from every device
         recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1, 1)  # −1: empty slot
         first = jax.lax.axis_index("expert") * e_local
-        y = routed_experts(recv.reshape(-1, d), jnp.ones(recv_ids.shape, jnp.float32), recv_ids, gate, up, down,
-                           backend, first_expert=first, out_dtype=jnp.float32)
+        y = kernel(recv.reshape(-1, d), jnp.ones(recv_ids.shape, jnp.float32), recv_ids, gate, up, down,
+                   first_expert=first, out_dtype=jnp.float32)
         back = jax.lax.all_to_all(y.reshape(ex, cap, d), "expert", 0, 0)  # results to their senders
         rows = back[dest, pos].reshape(n, k, d)
         return jnp.einsum("nkd,nk->nd", rows, weights).astype(x.dtype)
@@ -130,10 +131,10 @@ def all_to_all_experts(mesh, backend: str):
     return run
 
 
-def replicated_experts(mesh, backend: str):
+def replicated_experts(mesh, kernel):
     """Every device holds every expert and runs its own slice of the tokens (pure data parallel)."""
     def run(x, weights, idx, gate, up, down):
-        body = lambda x, w, i, g, u, d: routed_experts(x, w, i, g, u, d, backend)  # noqa: E731
+        body = lambda x, w, i, g, u, d: kernel(x, w, i, g, u, d)  # noqa: E731
         specs = jax.tree.map(lambda _: P(), (gate, up, down))
         return jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * 3 + specs, out_specs=P("expert"),
                              check_vma=False)(x, weights, idx, gate, up, down)
@@ -141,11 +142,14 @@ def replicated_experts(mesh, backend: str):
     return run
 
 
-def bench_moe(runs: int, token_counts=(64, 1024), backend: str = "grouped") -> list[dict]:
-    """Routed experts of one BENCH layer, tokens split over expert=8, for each strategy."""
+def bench_moe(runs: int, token_counts=(64, 1024)) -> list[dict]:
+    """Routed experts of one BENCH layer, tokens split over expert=8, for each strategy, with the
+    devices' expert kernel."""
+    backend = kernels.for_devices(jax.devices())
+    kernel = backend.experts
     p = random_params(BENCH, seed=1, std=0.05)["moe_layers"]["ffn"]
     layer = {k: jax.tree.map(lambda a: a[0], p[k]) for k in p}
-    layer = jax.tree.map(to_storage, layer)
+    layer = jax.tree.map(lambda a: to_storage(a, backend.fp8_storage), layer)
     layout = MeshLayout.build("expert=8", DP_ATTENTION_RULES)
     mesh = layout.mesh
     shard = param_shardings(BENCH, mesh, RULES)["moe_layers"]["ffn"]
@@ -154,10 +158,10 @@ def bench_moe(runs: int, token_counts=(64, 1024), backend: str = "grouped") -> l
     ep_weights = [jax.device_put(layer[k], jax.tree.map(per_layer, shard[k])) for k in names]
     full_weights = [jax.device_put(layer[k], NamedSharding(mesh, P())) for k in names]
     strategies = {
-        "psum (gather tokens, local experts, psum_scatter)": (layout.experts(routed_experts), ep_weights),
-        "all_to_all (rows to their expert's device, worst-case slots)": (all_to_all_experts(mesh, backend),
+        "psum (gather tokens, local experts, psum_scatter)": (layout.experts(kernel), ep_weights),
+        "all_to_all (rows to their expert's device, worst-case slots)": (all_to_all_experts(mesh, kernel),
                                                                           ep_weights),
-        "replicated experts (data parallel)": (replicated_experts(mesh, backend), full_weights),
+        "replicated experts (data parallel)": (replicated_experts(mesh, kernel), full_weights),
     }
     rows = []
     for n in token_counts:
@@ -167,10 +171,7 @@ def bench_moe(runs: int, token_counts=(64, 1024), backend: str = "grouped") -> l
                                                BENCH))(x)
         fns = {}
         for name, (fn, ws) in strategies.items():
-            if name.startswith("psum"):
-                f = jax.jit(lambda x, w, i, *e, fn=fn: fn(x, w, i, *e, backend))
-            else:
-                f = jax.jit(fn)
+            f = jax.jit(fn)
             fns[name] = lambda f=f, ws=ws, args=(x, weights, idx): f(*args, *ws)
         outs = {k: np.asarray(f(), np.float32) for k, f in fns.items()}
         ref = outs[next(iter(outs))]

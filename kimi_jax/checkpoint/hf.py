@@ -28,6 +28,7 @@ from kimi_jax.checkpoint.safetensors import ShardedCheckpointReader, save_file, 
 from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
 
 SCALE_SUFFIX = "_scale_inv"  # `<name>.weight` -> `<name>.weight_scale_inv`
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)  # how the release stores its quantized weights
 FLOAT_SOURCES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 
 
@@ -134,19 +135,19 @@ def default_placer(leaf: Leaf, part: str, shape: tuple[int, ...], read: Callable
 
 
 def load_hf_params(directory: str | os.PathLike, cfg: Config, placer: Placer = default_placer,
-                   platform: str | None = None) -> dict[str, Any]:
+                   storage: np.dtype = FP8) -> dict[str, Any]:
     """Read an HF checkpoint into the engine's parameter tree, one weight at a time.
 
     `placer(leaf, part, shape, read)` turns a weight into a device array; `read(index)` returns the
-    host slice `index` (None: everything), fp8 values already in the storage dtype of `platform`
-    (the default backend's by default; see `quant.storage_dtype`). The sharding package provides a
-    placer that reads only each device's slice.
+    host slice `index` (None: everything), fp8 values already in `storage` (the backend's
+    `fp8_storage`: uint8 bytes on CPU). The sharding package provides a placer that reads only each
+    device's slice.
     """
     reader = HFReader(directory, cfg)
     try:
         def place(leaf: Leaf) -> Any:
             def part(name: str, shape: tuple[int, ...]) -> jax.Array:
-                return placer(leaf, name, shape, lambda index: to_storage(reader.read(leaf, name, index), platform))
+                return placer(leaf, name, shape, lambda index: to_storage(reader.read(leaf, name, index), storage))
 
             if leaf.spec.quantized:
                 return QArray(part("values", leaf.shape),

@@ -36,7 +36,7 @@ import numpy as np
 
 from kimi_jax.checkpoint.hf import CheckpointError
 from kimi_jax.config import Config
-from kimi_jax.model.quant import QArray, storage_dtype
+from kimi_jax.model.quant import QArray
 from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
 
 MARKER = "kimi_orbax.json"
@@ -171,9 +171,8 @@ def check_checkpoint(path: str | os.PathLike, cfg: Config) -> None:
                                           "config.json does not match these weights")
 
 
-def _to_storage(platform: str | None) -> Callable[[jax.Array], jax.Array]:
-    """fp8 device values -> the platform's storage dtype (uint8 bytes on CPU), in place when possible."""
-    want = storage_dtype(platform)
+def _to_storage(want: np.dtype) -> Callable[[jax.Array], jax.Array]:
+    """fp8 device values -> a backend's storage dtype (uint8 bytes on CPU), in place when possible."""
     if want == FP8:
         return lambda x: x
     # A bitcast keeps the sharding; donating the fp8 buffer lets XLA reuse it, so at most one group is
@@ -184,18 +183,18 @@ def _to_storage(platform: str | None) -> Callable[[jax.Array], jax.Array]:
 
 def load_orbax_params(path: str | os.PathLike, cfg: Config,
                       shardings: Callable[[Leaf], Any] | None = None,
-                      platform: str | None = None) -> dict[str, Any]:
+                      storage: np.dtype = FP8) -> dict[str, Any]:
     """Restore a converted checkpoint into the engine's tree, one weight group at a time.
 
     `shardings(leaf)` gives a weight's sharding (a QArray of two for fp8 weights; the sharding
-    package's `leaf_sharding`); None puts everything on the default device. fp8 values end in the
-    storage dtype of `platform` (`quant.storage_dtype`).
+    package's `leaf_sharding`); None puts everything on the default device. fp8 values end in
+    `storage` (the backend's `fp8_storage`).
     """
     ocp = _orbax()
     path = Path(path)
     check_checkpoint(path, cfg)
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    to_storage = _to_storage(platform)
+    to_storage = _to_storage(np.dtype(storage))
 
     def restore(leaf: Leaf) -> Any:
         sharding = shardings(leaf) if shardings is not None else None

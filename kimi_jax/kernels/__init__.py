@@ -1,0 +1,64 @@
+"""Backend-specific fast paths, and the one policy that picks them for a platform.
+
+Each kernel here computes exactly what a plain function of the model does, faster on some platform,
+and is tested against it:
+
+  * `grouped` — routed experts in expert tiles with per-tile weight gathers (CPU);
+  * `ragged` — routed experts with `jax.lax.ragged_dot` (GPU, TPU);
+  * `streamed` — few-row dense products that convert the weight slice by slice (one CPU device).
+
+`choose(platform, devices)` is the policy: it is called once, where a model is loaded (for the
+devices it is placed on) or a program is planned (for the target it compiles for), and the
+resulting `Backend` is passed down to every layer. Nothing else in the engine asks JAX which
+platform it runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from kimi_jax.kernels import streamed
+from kimi_jax.kernels.grouped import GROUPED
+from kimi_jax.kernels.ragged import RAGGED
+from kimi_jax.model.backend import REFERENCE, Backend
+from kimi_jax.model.experts import reference_experts
+
+EXPERT_KERNELS = {"grouped": GROUPED, "ragged": RAGGED, "reference": reference_experts}
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def choose(platform: str, devices: int = 1, experts: str | None = None) -> Backend:
+    """The backend for `devices` devices of `platform` ("cpu", "gpu" or "tpu").
+
+    * fp8 storage: XLA's CPU backend has no fp8 data movement (it rewrites a slice or gather of an fp8
+      array as the same op on an f16 copy of the whole operand, and hoists that copy out of the layer
+      scan), so CPU holds fp8 values as their raw bytes (uint8); GPU and TPU hold float8_e4m3fn.
+    * routed experts: `grouped` on CPU (ragged_dot is a masked dense product there), `ragged` on GPU
+      and TPU; `experts` overrides the choice (tests run every kernel on CPU).
+    * dense products stream their weights only on a single CPU device: on a mesh a sliced product
+      would gather a sharded weight, and GPU/TPU fuse the conversion into the dot themselves.
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; kimi_jax runs on {', '.join(PLATFORMS)}")
+    if experts is not None and experts not in EXPERT_KERNELS:
+        raise ValueError(f"unknown expert kernel {experts!r}; choose one of {', '.join(EXPERT_KERNELS)}")
+    cpu = platform == "cpu"
+    kernel = EXPERT_KERNELS[experts or ("grouped" if cpu else "ragged")]
+    storage = np.dtype(np.uint8) if cpu else np.dtype(ml_dtypes.float8_e4m3fn)
+    if cpu and devices == 1:
+        return Backend(platform, storage, streamed.linear, streamed.logits, kernel)
+    return Backend(platform, storage, REFERENCE.linear, REFERENCE.logits, kernel)
+
+
+def for_devices(devices: Sequence[jax.Device] | None = None, experts: str | None = None) -> Backend:
+    """The backend for a model placed on `devices` (default: JAX's first device, where an unsharded
+    model lives)."""
+    devices = list(devices) if devices is not None else jax.devices()[:1]
+    return choose(devices[0].platform, len(devices), experts)
+
+
+__all__ = ["Backend", "EXPERT_KERNELS", "GROUPED", "PLATFORMS", "RAGGED", "REFERENCE", "choose", "for_devices"]

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.config import Config
-from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles
+from kimi_jax.model.backend import REFERENCE, Backend
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.quant import dequantize
 from kimi_jax.model.weights import attention_specs, declare
@@ -60,6 +61,7 @@ class MLA(nn.Module):
 
     cfg: Config
     absorb: bool = False
+    backend: Backend = REFERENCE  # how the projections run (see backend.py)
     layout: Layout = UNSHARDED  # placement hooks (logical names only; see layout.py)
 
     @nn.compact
@@ -72,12 +74,12 @@ class MLA(nn.Module):
         eps = cfg.rms_norm_eps
         cos, sin = rope_angles(cfg, jnp.maximum(positions, 0))
 
-        c_q = rms_norm(self.layout.linear(x, p["q_a_proj"]), p["q_a_norm"], eps)
-        q = self.layout.linear(c_q, p["q_b_proj"]).reshape(b, t, h, nope + rope)  # (B, T, H, nope+rope)
+        c_q = rms_norm(self.backend.linear(x, p["q_a_proj"]), p["q_a_norm"], eps)
+        q = self.backend.linear(c_q, p["q_b_proj"]).reshape(b, t, h, nope + rope)  # (B, T, H, nope+rope)
         q = self.layout.constrain(q, ("batch", "seq", "heads", None))  # heads stay where q_b_proj's rows are
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
-        kv = self.layout.linear(x, p["kv_a_proj"])  # (B, T, kv_lora + rope)
+        kv = self.backend.linear(x, p["kv_a_proj"])  # (B, T, kv_lora + rope)
         latent = rms_norm(kv[..., :cfg.kv_lora_rank], p["kv_a_norm"], eps)
         k_rope = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
 
@@ -93,9 +95,9 @@ class MLA(nn.Module):
         w_kv = self.layout.constrain(w_kv, ("heads", None, None))
         w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # (H, nope, kv), (H, v, kv)
         attend = _absorbed if self.absorb else _expanded
-        o = attend(q_nope, q_rope, keys, mask, w_uk, w_uv, cfg.softmax_scale)  # (B, T, H, v)
+        o = attend(q_nope, q_rope, keys, mask, w_uk, w_uv, softmax_scale(cfg))  # (B, T, H, v)
         o = self.layout.constrain(o, ("batch", "seq", "heads", None))  # o_proj then sums over heads
-        out = self.layout.linear(o.reshape(b, t, h * vd), p["o_proj"])
+        out = self.backend.linear(o.reshape(b, t, h * vd), p["o_proj"])
         return out, cache
 
 

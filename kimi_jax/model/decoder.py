@@ -12,9 +12,10 @@ import jax.numpy as jnp
 
 from kimi_jax.model.attention import MLA, LatentCache
 from kimi_jax.config import Config
-from kimi_jax.model.layers import MLP, rms_norm
+from kimi_jax.model.backend import REFERENCE, Backend
+from kimi_jax.model.layers import rms_norm
 from kimi_jax.model.layout import UNSHARDED, Layout
-from kimi_jax.model.moe import MoE
+from kimi_jax.model.moe import MLP, MoE
 from kimi_jax.model.weights import LAYER_GROUPS, declare, layer_specs, model_specs
 
 
@@ -24,7 +25,7 @@ class DecoderLayer(nn.Module):
     cfg: Config
     moe: bool
     absorb: bool = False
-    backend: str | None = None
+    backend: Backend = REFERENCE
     dtype: jnp.dtype = jnp.bfloat16
     layout: Layout = UNSHARDED
 
@@ -34,10 +35,11 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         p = declare(self, layer_specs(cfg, self.moe), cfg)  # the two norms; attn/ffn declare their own
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        h, cache = MLA(cfg, self.absorb, self.layout, name="attn")(h, positions, cache)
+        h, cache = MLA(cfg, self.absorb, self.backend, self.layout, name="attn")(h, positions, cache)
         x = x + h.astype(jnp.float32)
         y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        y = MoE(cfg, self.backend, self.layout, name="ffn")(y) if self.moe else MLP(cfg, self.layout, name="ffn")(y)
+        ffn = MoE(cfg, self.backend, self.layout, name="ffn") if self.moe else MLP(cfg, self.backend, name="ffn")
+        y = ffn(y)
         return x + y.astype(jnp.float32), cache
 
 
@@ -46,7 +48,7 @@ class Transformer(nn.Module):
 
     cfg: Config
     absorb: bool = False  # absorbed MLA (decode) instead of expanded (prefill / full forward)
-    backend: str | None = None  # routed-expert kernel, see moe.expert_backend
+    backend: Backend = REFERENCE  # how products run: kimi_jax.kernels.choose picks one per platform
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype
     layout: Layout = UNSHARDED  # device placement hooks (sharding.MeshLayout on a mesh)
 
@@ -76,7 +78,7 @@ class Transformer(nn.Module):
         x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps).astype(self.dtype)
         if return_hidden:
             return x, new_cache
-        return self.layout.logits(x, p["lm_head"], self.dtype), new_cache
+        return self.backend.logits(x, p["lm_head"], self.dtype), new_cache
 
 
 def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.bfloat16) -> dict[str, LatentCache]:

@@ -1,19 +1,17 @@
-"""RMSNorm, YaRN rotary embeddings (interleaved checkpoint layout), and the SwiGLU MLP."""
+"""The model's elementwise pieces: RMSNorm, YaRN rotary embeddings (interleaved layout) and its softmax
+scale, and SwiGLU. Pure functions; every piece of YaRN lives here."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import Config
-from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.quant import linear
-from kimi_jax.model.weights import declare, layer_specs
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -48,18 +46,26 @@ def rope_inv_freq(cfg: Config) -> np.ndarray:
     return (freq / r.factor) * (1 - keep) + freq * keep
 
 
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's magnitude correction 0.1 · mscale · ln(factor) + 1 (1 without scaling)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def rope_attention_factor(cfg: Config) -> float:
     """YaRN's cos/sin multiplier: mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1.0 for Kimi-K2)."""
     r = cfg.rope_scaling
     if r is None or r.factor <= 1:
         return 1.0
-
-    def mscale(m: float) -> float:
-        return 0.1 * m * math.log(r.factor) + 1.0
-
     if r.mscale and r.mscale_all_dim:
-        return mscale(r.mscale) / mscale(r.mscale_all_dim)
-    return mscale(1.0)
+        return yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim)
+    return yarn_mscale(r.factor, 1.0)
+
+
+def softmax_scale(cfg: Config) -> float:
+    """(qk_nope + qk_rope)^-0.5, times mscale(factor, mscale_all_dim)² under YaRN (as DeepSeek and HF do)."""
+    r = cfg.rope_scaling
+    m = yarn_mscale(r.factor, r.mscale_all_dim) if r is not None and r.mscale_all_dim else 1.0
+    return cfg.qk_head_dim ** -0.5 * m * m
 
 
 def rope_angles(cfg: Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,17 +93,5 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def swiglu(x: jax.Array, gate, up, down, product: Callable = linear) -> jax.Array:
     """down(silu(gate(x)) · up(x)) for plain or block-fp8 weights; `product(x, w)` is the matmul
-    (`quant.linear`, or a layout's `linear`)."""
+    (`quant.linear`, or a backend's `linear`)."""
     return product(jax.nn.silu(product(x, gate)) * product(x, up), down)
-
-
-class MLP(nn.Module):
-    """Dense SwiGLU MLP of the first `first_k_dense_replace` layers."""
-
-    cfg: Config
-    layout: Layout = UNSHARDED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        p = declare(self, layer_specs(self.cfg, moe=False)["ffn"], self.cfg)
-        return swiglu(x, p["gate"], p["up"], p["down"], self.layout.linear)

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 
 from kimi_jax.config import Config
 from kimi_jax.model.quant import FP8, QArray, quantize_block_fp8
@@ -205,7 +203,7 @@ def build_tree(cfg: Config, fn: Callable[[Leaf], Any]) -> dict[str, Any]:
 def abstract_params(cfg: Config, fp8_dtype: Any = FP8) -> dict[str, Any]:
     """The parameter tree as `jax.ShapeDtypeStruct`s (QArray pairs for fp8 weights): no memory.
 
-    fp8_dtype: the storage dtype of fp8 values (`quant.storage_dtype(platform)`: uint8 on CPU).
+    fp8_dtype: the storage dtype of fp8 values (`Backend.fp8_storage`: uint8 on CPU).
     """
     return build_tree(cfg, lambda leaf: abstract_leaf(cfg, leaf.shape, leaf.spec, fp8_dtype))
 
@@ -219,62 +217,41 @@ def param_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-# Random weights --------------------------------------------------------------------------------
-def random_value(cfg: Config, shape: tuple[int, ...], spec: ParamSpec, rng: np.random.Generator,
-                 std: float = 0.02) -> Any:
-    """Host random weight: N(0, std) (quantized to block-fp8 when the spec is), or ones/zeros.
+# Initial and random weights ----------------------------------------------------------------------
+def initial_value(cfg: Config, spec: ParamSpec, shape: tuple[int, ...], key: jax.Array, std: float = 0.02,
+                  jitter: float = 0.0) -> Any:
+    """One weight of `shape` from its declaration: N(0, std), or ones / zeros, block-fp8 when the spec is.
 
-    Norm weights get 1 + small noise and the router bias small noise, so tests exercise them.
+    `jitter` adds jitter · N(0, 1) to the ones and zeros (norm weights, the router bias), so that tests
+    exercise them; `Module.init` (training) uses none.
     """
-    if spec.init == "ones":
-        w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-    elif spec.init == "zeros":
-        w = 0.05 * rng.standard_normal(shape, dtype=np.float32)
+    if spec.init == "normal":
+        w = std * jax.random.normal(key, shape, jnp.float32)
     else:
-        w = std * rng.standard_normal(shape, dtype=np.float32)
+        base = jnp.ones(shape, jnp.float32) if spec.init == "ones" else jnp.zeros(shape, jnp.float32)
+        w = base + jitter * jax.random.normal(key, shape, jnp.float32) if jitter else base
     if spec.quantized:
-        values, scales = quantize_block_fp8(w, cfg.weight_block_size)
-        return QArray(values, scales)
-    return w.astype(ml_dtypes.bfloat16 if spec.dtype == BF16 else np.float32)
+        return QArray(*quantize_block_fp8(w, cfg.weight_block_size))
+    return w.astype(spec.dtype)
+
+
+# Norm weights get 1 + N(0, 0.1²) and the router bias N(0, 0.05²) in random test weights.
+RANDOM_JITTER = {"ones": 0.1, "zeros": 0.05, "normal": 0.0}
 
 
 def random_params(cfg: Config, seed: int = 0, std: float = 0.02) -> dict[str, Any]:
-    """Deterministic random weights (numpy, host memory) in the engine's tree layout."""
-    rng = np.random.default_rng(seed)
-    return build_tree(cfg, lambda leaf: random_value(cfg, leaf.shape, leaf.spec, rng, std))
-
-
-def init_value(cfg: Config, spec: ParamSpec) -> Callable:
-    """A Flax initializer for one per-layer weight (used by `Module.init`; loading bypasses it)."""
-
-    def init(key):
-        if spec.init == "ones":
-            w = jnp.ones(spec.shape, jnp.float32)
-        elif spec.init == "zeros":
-            w = jnp.zeros(spec.shape, jnp.float32)
-        else:
-            w = 0.02 * jax.random.normal(key, spec.shape, jnp.float32)
-        if not spec.quantized:
-            return w.astype(spec.dtype)
-        return quantize_jnp(w, cfg.weight_block_size)
-
-    return init
-
-
-def quantize_jnp(w: jax.Array, block: tuple[int, int]) -> QArray:
-    """`quantize_block_fp8` in jnp, so `Module.init` can build fp8 weights on device."""
-    *lead, rows, cols = w.shape
-    br, bc = block
-    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
-    pad = [(0, 0)] * len(lead) + [(0, nr * br - rows), (0, nc * bc - cols)]
-    blocks = jnp.pad(w, pad).reshape(*lead, nr, br, nc, bc)
-    amax = jnp.abs(blocks).max(axis=(-3, -1))
-    scale = jnp.where(amax > 0, amax / 448.0, 1.0)
-    values = (blocks / scale[..., :, None, :, None]).reshape(*lead, nr * br, nc * bc)[..., :rows, :cols]
-    return QArray(values.astype(FP8), scale.astype(jnp.float32))
+    """Deterministic random weights (numpy, host memory) in the engine's tree layout, for tests,
+    benchmarks and the random test checkpoint: `initial_value` per weight, one key per weight."""
+    key = jax.random.key(seed)
+    # One compiled program per distinct (shape, spec): the big stacks are generated without Python loops.
+    make = jax.jit(lambda k, spec, shape: initial_value(cfg, spec, shape, k, std, RANDOM_JITTER[spec.init]),
+                   static_argnums=(1, 2))
+    counter = iter(range(1 << 30))
+    return build_tree(cfg, lambda leaf: jax.device_get(make(jax.random.fold_in(key, next(counter)), leaf.spec,
+                                                            leaf.shape)))
 
 
 def declare(module, specs: dict[str, ParamSpec], cfg: Config) -> dict[str, Any]:
     """Inside a Flax `@nn.compact` method: one `self.param` per declared weight."""
-    return {name: module.param(name, lambda key, s=spec: init_value(cfg, s)(key)) for name, spec in specs.items()
-            if isinstance(spec, ParamSpec)}
+    return {name: module.param(name, lambda key, s=spec: initial_value(cfg, s, s.shape, key))
+            for name, spec in specs.items() if isinstance(spec, ParamSpec)}

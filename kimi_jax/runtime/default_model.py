@@ -27,7 +27,7 @@ from pathlib import Path
 from kimi_jax.config import TINY_KIMI, Config
 from kimi_jax.runtime.generation import cache_root
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # kimi_jax/assets
 TINY_CHAT = ASSETS / "tiny_chat"
 CORPUS = ASSETS / "default_corpus.txt"
 BPE_RANKS = 768  # + 256 reserved specials = a 1024-token vocabulary
@@ -41,7 +41,7 @@ CARD_WEATHER_TOOL = {"type": "function", "function": {
                                           "the weather.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "Name of the city"}},
                    "required": ["city"]}}}
-FORMAT = 1  # bump when the on-disk recipe changes in a way the hash below cannot see
+FORMAT = 2  # bump when the on-disk recipe changes in a way the hash below cannot see
 
 
 def random_config() -> Config:

@@ -11,12 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.runtime import generation
+from kimi_jax import kernels
 from kimi_jax.checkpoint.hf import load_hf_params
-from kimi_jax.config import Config
-from kimi_jax.model.layout import UNSHARDED
-from kimi_jax.model.decoder import Transformer
 from kimi_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax_params
+from kimi_jax.config import Config
+from kimi_jax.model.backend import Backend
+from kimi_jax.model.decoder import Transformer
+from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.runtime import generation
+from kimi_jax.text.tokenizer import load_tokenizer
+from sharding import MeshLayout
+from sharding.rules import leaf_sharding
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -33,7 +38,7 @@ class Model:
     """A loaded model: config, parameters (fp8 weights stay fp8 on device), compiled forward passes."""
 
     def __init__(self, config: Config, params: dict[str, Any], dtype: str | Any = "bfloat16",
-                 mesh: Any = None, backend: str | None = None, tokenizer: Any = None, rules: Any = None):
+                 mesh: Any = None, backend: Backend | str | None = None, tokenizer: Any = None, rules: Any = None):
         self.config = config
         self.tokenizer = tokenizer  # a kimi_jax.tokenizer.Tokenizer, or None
         self.dtype = compute_dtype(dtype)
@@ -42,8 +47,9 @@ class Model:
         self.layout = UNSHARDED if mesh is None else mesh_layout(mesh, config, rules)
         self.mesh = getattr(self.layout, "mesh", None)
         self.params = params if self.mesh is None else jax.device_put(params, self.layout.param_shardings(config))
-        self.backend = backend
-        self._module = Transformer(config, absorb=False, backend=backend, dtype=self.dtype, layout=self.layout)
+        # How products run, chosen once for the devices the model lives on (kimi_jax.kernels.choose).
+        self.backend = backend_for(self.layout, backend)
+        self._module = Transformer(config, absorb=False, backend=self.backend, dtype=self.dtype, layout=self.layout)
 
     @functools.cached_property
     def _forward(self):
@@ -124,7 +130,7 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = None,
-         backend: str | None = None, rules: Any = None) -> Model:
+         backend: Backend | str | None = None, rules: Any = None) -> Model:
     """Load a Hugging Face checkpoint directory (config.json + safetensors shards, and a tokenizer
     file if present: `Model.tokenizer`), or one converted by `python -m kimi_jax.convert` (orbax).
 
@@ -133,36 +139,45 @@ def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = Non
     time. `mesh` (a spec string such as "data=1,expert=4,tensor=2", a dict or a `jax.sharding.Mesh`)
     shards the model over devices, each parameter read straight into its sharding; `rules` picks
     the rules table (a `sharding.Rules` or its name, default "default"; see sharding/DESIGN.md).
-    backend: routed-expert kernel ("grouped" or "ragged"; default: chosen for the platform).
+    backend: how products run (a `kimi_jax.kernels` Backend, or the name of an expert kernel
+    — "grouped", "ragged", "reference" — to use instead of the platform's); by default chosen for
+    the devices the model is placed on (`kernels.choose`), which also decides how fp8 is stored.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = Config.from_json(path)
-    layout = None if mesh is None else mesh_layout(mesh, config, rules)
+    layout = UNSHARDED if mesh is None else mesh_layout(mesh, config, rules)
+    backend = backend_for(layout, backend)
+    storage = backend.fp8_storage
     if is_orbax_checkpoint(path):  # converted by kimi_jax.convert: each group restored into its sharding
-        shardings = None if layout is None else functools.partial(leaf_sharding_of, layout, config)
-        params = load_orbax_params(path, config, shardings)
+        shardings = None if mesh is None else functools.partial(leaf_sharding_of, layout, config)
+        params = load_orbax_params(path, config, shardings, storage)
     elif mesh is None:
-        params = load_hf_params(path, config)
+        params = load_hf_params(path, config, storage=storage)
     else:  # each device reads its own slice of each weight, straight into its sharding
-        params = load_hf_params(path, config, layout.placer(config))
-    return Model(config, params, dtype=dtype, mesh=layout and layout.mesh, backend=backend,
+        params = load_hf_params(path, config, layout.placer(config), storage)
+    return Model(config, params, dtype=dtype, mesh=None if mesh is None else layout.mesh, backend=backend,
                  tokenizer=_find_tokenizer(path), rules=rules)
+
+
+def backend_for(layout: Layout, backend: Backend | str | None = None) -> Backend:
+    """The backend for a model placed by `layout`: `backend` itself, or the platform's choice for the
+    layout's devices (one device without a mesh), with an expert kernel named by `backend`."""
+    if isinstance(backend, Backend):
+        return backend
+    mesh = getattr(layout, "mesh", None)
+    return kernels.for_devices(None if mesh is None else list(mesh.devices.flat), experts=backend)
 
 
 def leaf_sharding_of(layout, config: Config, leaf):
     """A weight's sharding under `layout` (a QArray of two for fp8 weights), for the orbax restore."""
-    from sharding.rules import leaf_sharding
-
     return leaf_sharding(leaf, config, layout.mesh, layout.rules)
 
 
 def mesh_layout(mesh: Any, config: Config, rules: Any = None):
     """A `sharding.MeshLayout` for a mesh spec ("data=1,expert=4,tensor=2", a dict or a Mesh) and rules
     table, checked against the config: a dimension that does not split is a MeshError naming it."""
-    from sharding import MeshLayout  # the physical mapping lives apart from the model
-
     layout = MeshLayout.build(mesh, rules)
     layout.param_shardings(config)  # raises on the first weight that cannot split
     return layout
@@ -170,8 +185,6 @@ def mesh_layout(mesh: Any, config: Config, rules: Any = None):
 
 def _find_tokenizer(path: Path):
     """The checkpoint's tokenizer (tiktoken.model or tokenizer.model next to config.json), or None."""
-    from kimi_jax.text.tokenizer import load_tokenizer
-
     try:
         return load_tokenizer(path)
     except FileNotFoundError:

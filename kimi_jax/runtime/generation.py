@@ -32,6 +32,7 @@ import numpy as np
 
 from kimi_jax.model.attention import LatentCache
 from kimi_jax.config import Config
+from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.decoder import Transformer, init_cache
 from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
@@ -228,10 +229,11 @@ class Generator:
     contexts far beyond those tested here. Batches are padded to a multiple of the batch shards.
     """
 
-    def __init__(self, cfg: Config, params: Any, dtype=jnp.bfloat16, backend: str | None = None,
+    def __init__(self, cfg: Config, params: Any, dtype=jnp.bfloat16, backend: Backend = REFERENCE,
                  layout: Layout = UNSHARDED, steps_per_call: int = STEPS_PER_CALL):
         enable_compile_cache()
         self.cfg, self.params, self.dtype, self.layout = cfg, params, jnp.dtype(dtype), layout
+        self.backend = backend  # chosen by the Model for its devices
         self.mesh = getattr(layout, "mesh", None)
         self.batch_shards = getattr(layout, "batch_shards", 1)
         self.steps_per_call = steps_per_call
@@ -259,7 +261,7 @@ class Generator:
         cache = self._place_cache(init_cache(self.cfg, b, t, self.dtype))
         hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
         last = hidden[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, D): only these need logits
-        logits = self.layout.logits(last, params["lm_head"], self.dtype)
+        logits = self.backend.logits(last, params["lm_head"], self.dtype)
         first = sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, jnp.zeros(b, jnp.int32))
         # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
         start = DecodeState(first, lengths - 1, jnp.zeros(b, jnp.int32), lengths == 0)

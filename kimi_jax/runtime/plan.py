@@ -26,6 +26,16 @@ import re
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from kimi_jax import kernels
+from kimi_jax.model.backend import Backend
+from kimi_jax.model.decoder import Transformer, init_cache
+from kimi_jax.model.weights import abstract_params, count_params, param_bytes
+from sharding import MeshLayout, describe, per_device_param_bytes
+from sharding.rules import shard_bytes
+
 GiB = 1024 ** 3
 # Device memory per chip (HBM), bytes.
 HARDWARE = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
@@ -56,6 +66,7 @@ class Plan:
     temp_decode: int
     compiled_argument_bytes: int  # decode step's arguments per the compiler (weights + cache + tokens)
     compile_seconds: float
+    backend: str  # the backend compiled (kernels.choose for the target devices)
     hardware: str | None = None
     host_peak_rss: int | None = None  # the planning process's own peak memory, bytes (Linux)
 
@@ -82,20 +93,22 @@ class Plan:
                                  "total": self.total}
         if self.hardware:
             d.update(hbm_bytes=self.hbm, fits=self.fits)
-        d["note"] = "temp is compiled for CPU: indicative only"
+        d["backend"] = self.backend
+        d["note"] = f"temp is compiled for {self.backend}: indicative only unless that is the target platform"
         return d
 
     def text(self) -> str:
         g = lambda n: f"{n / GiB:8.2f} GiB"  # noqa: E731
         lines = [
             f"{self.config} on mesh {self.mesh} (rules '{self.rules}'), decode batch {self.batch} × context "
-            f"{self.context}; prefill {self.prefill_batch} × {self.prefill_chunk} tokens",
+            f"{self.context}; prefill {self.prefill_batch} × {self.prefill_chunk} tokens; compiled for {self.backend}",
             f"total parameters   {self.total_params:,} ({self.total_param_bytes / 1e9:.1f} GB stored)",
             "per device:",
             f"  weights          {g(self.weights)}",
             f"  KV cache         {g(self.kv_cache)}",
             f"  temporaries      {g(self.temp)}   (prefill {g(self.temp_prefill)} + its cache "
-            f"{g(self.prefill_cache)}; decode {g(self.temp_decode)}; CPU-compiled: indicative only)",
+            f"{g(self.prefill_cache)}; decode {g(self.temp_decode)}; compiled for {self.backend.split(':')[0]}: "
+            "indicative only for another platform)",
             f"  total            {g(self.total)}",
         ]
         if self.hardware:
@@ -108,17 +121,13 @@ class Plan:
 
 
 def plan(cfg, mesh, batch: int, context: int, hardware: str | None = None, rules=None,
-         prefill_batch: int | None = None, prefill_chunk: int | None = None, backend: str = "grouped") -> Plan:
+         prefill_batch: int | None = None, prefill_chunk: int | None = None) -> Plan:
     """Compile prefill and decode for `cfg` on `mesh` from abstract weights and report per-device memory.
 
     Needs as many JAX devices as the mesh has: the CLI (`main`) sets up that many virtual CPU devices.
+    The program is compiled with the backend of the devices it targets (`kernels.choose`: their
+    expert kernel, dense products and fp8 storage).
     """
-    import jax
-
-    from kimi_jax.model.weights import abstract_params, count_params, param_bytes
-    from sharding import MeshLayout, describe, per_device_param_bytes
-    from sharding.rules import shard_bytes
-
     if hardware is not None and hardware not in HARDWARE:
         raise ValueError(f"unknown hardware {hardware!r}; choose one of {', '.join(HARDWARE)}")
     if context > cfg.max_position_embeddings:
@@ -130,7 +139,8 @@ def plan(cfg, mesh, batch: int, context: int, hardware: str | None = None, rules
     per_group = max(1, prefill_batch // layout.mesh.shape["data"])  # sequences each expert group sees
     chunk = min(context, prefill_chunk or max(1, PREFILL_TOKENS // per_group))
 
-    params = abstract_params(cfg)
+    backend = kernels.for_devices(list(layout.mesh.devices.flat))
+    params = abstract_params(cfg, backend.fp8_storage)
 
     def compile_step(absorb: bool, b: int, t: int):
         fn, args = step_program(cfg, layout, absorb, b, t, context, backend, params)
@@ -148,7 +158,8 @@ def plan(cfg, mesh, batch: int, context: int, hardware: str | None = None, rules
         kv_cache=kv_cache, prefill_cache=prefill_cache, temp_prefill=int(prefill_mem.temp_size_in_bytes),
         temp_decode=int(decode_mem.temp_size_in_bytes),
         compiled_argument_bytes=int(decode_mem.argument_size_in_bytes),
-        compile_seconds=time.perf_counter() - start, hardware=hardware, host_peak_rss=host_peak_rss())
+        compile_seconds=time.perf_counter() - start, backend=backend.describe(), hardware=hardware,
+        host_peak_rss=host_peak_rss())
 
 
 def host_peak_rss() -> int | None:
@@ -160,19 +171,13 @@ def host_peak_rss() -> int | None:
         return None
 
 
-def step_program(cfg, layout, absorb: bool, batch: int, tokens: int, context: int, backend: str | None = None,
+def step_program(cfg, layout, absorb: bool, batch: int, tokens: int, context: int, backend: Backend,
                  params=None):
     """A jitted serving step on `layout` and abstract arguments (with shardings) to lower it with.
 
     step(params, tokens [B, T], positions [B, T], cache) -> (last position's logits [B, V] f32, cache);
     expanded MLA for prefill (absorb=False), absorbed for decode. The cache (`context` slots) is donated.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from kimi_jax.model.decoder import Transformer, init_cache
-    from kimi_jax.model.weights import abstract_params
-
     module = Transformer(cfg, absorb=absorb, backend=backend, dtype=jnp.bfloat16, layout=layout)
 
     def step(params, tokens, positions, cache):
@@ -191,13 +196,11 @@ def step_program(cfg, layout, absorb: bool, batch: int, tokens: int, context: in
     cache = abstract(jax.eval_shape(lambda: init_cache(cfg, batch, context)), cache_shardings)
     fn = jax.jit(step, in_shardings=(param_shardings, tok.sharding, tok.sharding, cache_shardings),
                  out_shardings=(layout.sharding(("batch", "vocab")), cache_shardings), donate_argnums=(3,))
-    return fn, (abstract(params or abstract_params(cfg), param_shardings), tok, tok, cache)
+    return fn, (abstract(params or abstract_params(cfg, backend.fp8_storage), param_shardings), tok, tok, cache)
 
 
 def use_cpu_devices(n: int) -> None:
     """Make JAX start with `n` virtual CPU devices; must run before JAX initialises its backend."""
-    import jax
-
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags.strip()} {CPU_PLANNING_FLAGS}".strip()
     jax.config.update("jax_platforms", "cpu")

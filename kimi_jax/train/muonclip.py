@@ -29,7 +29,7 @@ import optax
 
 from kimi_jax.model.attention import attention_mask
 from kimi_jax.config import Config
-from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.quant import linear
 from kimi_jax.model.weights import LAYER_GROUPS, Leaf, build_tree
 
@@ -136,7 +136,7 @@ def attention_logits(cfg: Config, p: dict[str, Any], h: jax.Array, positions: ja
     scores = (jnp.einsum("bthn,bshn->bhts", q[..., :nope], w_kv[..., :nope])
               + jnp.einsum("bthr,bsr->bhts", apply_rope(q[..., nope:], cos, sin),
                            apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)))
-    return jnp.where(attention_mask(positions, positions)[:, None], scores * cfg.softmax_scale, -jnp.inf)
+    return jnp.where(attention_mask(positions, positions)[:, None], scores * softmax_scale(cfg), -jnp.inf)
 
 
 def attention_max_logits(cfg: Config, p: dict[str, Any], h: jax.Array, positions: jax.Array) -> jax.Array:

@@ -36,9 +36,9 @@ import optax
 
 from kimi_jax.model.attention import MLA
 from kimi_jax.config import KIMI_K2, TINY_KIMI, Config
-from kimi_jax.model.layout import Layout
+from kimi_jax.model.backend import REFERENCE
 from kimi_jax.model.decoder import Transformer
-from kimi_jax.model.moe import MoE, reference_experts, route
+from kimi_jax.model.moe import MoE, route
 from kimi_jax.model.quant import QArray, quantize_block_fp8
 from kimi_jax.train import muonclip
 from kimi_jax.train.corpus import Batch
@@ -104,9 +104,10 @@ def init_params(cfg: Config, seed: int = 0) -> dict[str, Any]:
 
 
 # Forward pass with the optimizer's statistics -------------------------------------------------------
-class DenseExpertsLayout(Layout):
-    """One device, routed experts run by `moe.reference_experts`: every expert on every token, weighted
-    by the (sparse) routing weights, so the result is the same as the sparse kernels'.
+def train_model(cfg: Config) -> Transformer:
+    """The engine's Transformer in float32 with the reference backend: plain products, and the routed
+    experts as `experts.reference_experts` (every expert on every token, weighted by the sparse
+    routing weights, so the result is the sparse kernels').
 
     Training needs a reverse-differentiable kernel. The CPU "grouped" kernel skips unused tiles with
     a dynamic-trip-count loop, which reverse mode cannot differentiate; "ragged" differentiates but
@@ -114,20 +115,7 @@ class DenseExpertsLayout(Layout):
     (measured on 2 busy CPU cores, 4096-token steps: ~1.4 s against ~1.7 s for a differentiable
     variant of "grouped" and ~2.3 s for "ragged").
     """
-
-    def experts(self, kernel):
-        return lambda x, weights, idx, gate, up, down, *rest, **kw: reference_experts(x, weights, idx, gate, up, down)
-
-    def __repr__(self) -> str:
-        return "DenseExpertsLayout(single device, dense expert loop)"
-
-
-TRAIN_LAYOUT = DenseExpertsLayout()
-
-
-def train_model(cfg: Config) -> Transformer:
-    """The engine's Transformer in float32 with the differentiable expert loop."""
-    return Transformer(cfg, dtype=jnp.float32, layout=TRAIN_LAYOUT)
+    return Transformer(cfg, backend=REFERENCE, dtype=jnp.float32)
 
 
 def forward_with_stats(cfg: Config, params: dict[str, Any], tokens: jax.Array,
