@@ -23,7 +23,7 @@ $(TEST_STAMP): $(STAMP)
 run: $(STAMP)
 	$(PY) -m kimi_jax.generate $(ARGS)
 
-# The whole suite on CPU with 8 fake devices (set in tests/conftest.py).
+# The whole suite on CPU with 8 fake devices (set in tests/conftest.py); one tier: PYTEST_ARGS="-m parity".
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -31,9 +31,11 @@ test: $(TEST_STAMP)
 serve: $(STAMP)
 	$(PY) -m kimi_jax.serve $(ARGS)
 
+# ruff, and the import contracts of setup.cfg (import-linter: imports point one way, README "Architecture").
 lint: $(TEST_STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check kimi_jax sharding scripts tests
+	$(VENV)/bin/lint-imports setup.cfg
 
 bench: $(TEST_STAMP)
 	$(PY) scripts/bench.py $(ARGS)

@@ -18,6 +18,8 @@ import sys
 import time
 
 from kimi_jax.runtime import distributed
+from kimi_jax.runtime.default_model import CARD_WEATHER_TOOL, load_checkpoint_or_default
+from kimi_jax.text.tool_calls import parse_tool_calls
 
 EPILOG = """\
 examples:
@@ -142,9 +144,6 @@ def _summary(turns: list[Turn]) -> str:
 
 def run_demo(model, args, temperature: float) -> int:
     """Two conversations: a question; a weather question whose tool calls `demo_get_weather` answers."""
-    from kimi_jax.text.tool_calls import parse_tool_calls
-    from kimi_jax.runtime.default_model import CARD_WEATHER_TOOL
-
     if model.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer (tiktoken.model) for the demo conversation; "
                          "pass --prompt-ids instead")
@@ -185,8 +184,6 @@ def run_demo(model, args, temperature: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kimi_jax.runtime.default_model import load_checkpoint_or_default
-
     info = distributed.initialize(args)  # before any device is touched; a no-op for one process
     if info.num_processes > 1 and not args.mesh:
         raise ValueError(f"a {info.num_processes}-process run shards the model over every process's devices: "
@@ -210,14 +207,10 @@ def run(args: argparse.Namespace) -> int:
                "decode_tokens_per_s": round(_rate([turn]), 2),
                "checkpoint": args.checkpoint or "embedded tiny chat model"}
         if is_chat:
-            from kimi_jax.text.tool_calls import parse_tool_calls
-
             out["content"], out["tool_calls"] = parse_tool_calls(turn.text)
         print(json.dumps(out, ensure_ascii=False))
     else:
         if is_chat:
-            from kimi_jax.text.tool_calls import parse_tool_calls
-
             print(_calls_line(*parse_tool_calls(turn.text)))
         else:
             print()

@@ -13,7 +13,9 @@ import argparse
 import json
 import sys
 
+from kimi_jax.config import get_config
 from kimi_jax.runtime.plan import HARDWARE, PREFILL_TOKENS, plan, use_cpu_devices
+from sharding import MeshError, check, mesh_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kimi_jax.config import get_config
-    from sharding import MeshError, check, mesh_size
 
     try:
         cfg = get_config(args.config)

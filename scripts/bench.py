@@ -14,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kimi_jax.bench import compare, gpu  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,13 +34,9 @@ def main() -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr if args.json else sys.stdout, flush=True)
 
     if args.gpu:
-        from kimi_jax.bench import gpu
-
         result = gpu.run(args.config if args.config == "tiny" else "k2-width", log=log)
         print(json.dumps(result) if args.json else gpu.markdown(result))
         return
-
-    from kimi_jax.bench import compare
 
     settings = compare.SMOKE if args.config == "tiny" else compare.QUICK if args.quick else compare.FULL
     start = time.perf_counter()

@@ -26,10 +26,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kimi_jax.checkpoint.hf import SCALE_SUFFIX, _expected_names  # noqa: E402
-from kimi_jax.config import KIMI_K2, TINY_KIMI  # noqa: E402
+from kimi_jax.checkpoint.hf import SCALE_SUFFIX, expected_names  # noqa: E402
 from kimi_jax.checkpoint.orbax import group_bytes, total_bytes  # noqa: E402
 from kimi_jax.checkpoint.safetensors import save_file, write_index  # noqa: E402
+from kimi_jax.config import KIMI_K2, TINY_KIMI  # noqa: E402
 from kimi_jax.model.weights import leaves, scale_shape  # noqa: E402
 
 REAL_BYTES = 958.5e9
@@ -63,7 +63,7 @@ def write_synthetic(cfg, directory: Path) -> int:
 
     for leaf in leaves(cfg):
         per = leaf.spec.shape[1:] if leaf.spec.per_expert else leaf.spec.shape
-        for _, name in _expected_names(leaf):
+        for _, name in expected_names(leaf):
             if leaf.spec.quantized:  # random bytes with bit 6 clear: finite fp8 (no 0x7f/0xff NaN)
                 tensors = {name: (rng.integers(0, 256, per, np.uint8) & 0xBF).view("float8_e4m3fn"),
                            name + SCALE_SUFFIX: rng.random(scale_shape(per, cfg.weight_block_size), np.float32)}

@@ -4,8 +4,8 @@
 """
 
 import argparse
-import os
 import json
+import os
 import platform
 from pathlib import Path
 

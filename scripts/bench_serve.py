@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 
+from kimi_jax.bench.serve import bench, markdown_table
+from kimi_jax.serve.app import create_app
+from kimi_jax.serve.cli import LiveServer, build_server, parse_args
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -22,14 +26,9 @@ def main() -> None:
     p.add_argument("--max-context", type=int, default=256, help="context of the in-process server (default 256)")
     args = p.parse_args()
 
-    from kimi_jax.bench.serve import bench, markdown_table
-
     live = None
     url = args.url
     if url is None:
-        from kimi_jax.serve.app import create_app
-        from kimi_jax.serve.cli import LiveServer, build_server, parse_args
-
         server = build_server(parse_args(["--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
                                           "--served-model-name", args.model]))
         live = LiveServer(create_app(server))

@@ -19,20 +19,29 @@ the output never depends on a capacity.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import KIMI_K2, Config
 from kimi_jax.model.layout import Layout
 from kimi_jax.model.quant import QArray
 from kimi_jax.model.weights import Leaf, moe_specs
 from sharding.mesh import MeshSpec, make_mesh
-from sharding.rules import (RULES, Rules, activation_sharding, cache_shardings, get_rules, leaf_sharding,
-                            param_shardings, scale_spec)
+from sharding.rules import (
+    RULES,
+    Rules,
+    activation_sharding,
+    cache_shardings,
+    get_rules,
+    leaf_sharding,
+    param_shardings,
+    scale_spec,
+)
 
 TOKENS = ("batch", None)  # the MoE's flattened tokens [B·T, D]: B·T is split as the batch is
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import Config
 from kimi_jax.model.decoder import init_cache

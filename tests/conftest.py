@@ -39,3 +39,14 @@ def hub_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+TIERS = ("unit", "parity", "sharded", "generation", "serve")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to exactly one tier (its module's `pytestmark`), so `-m TIER` runs a tier alone."""
+    untiered = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if untiered:
+        raise pytest.UsageError(f"tests without exactly one tier marker {TIERS}: {untiered[:5]}; add "
+                                "`pytestmark = pytest.mark.<tier>` to the module")

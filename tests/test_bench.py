@@ -6,11 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("decode_tokens_per_s", "hf_decode_tokens_per_s", "decode_speedup_vs_transformers", "decode_roofline_fraction",
         "prefill_tokens_per_s", "peak_rss_bytes", "weight_bytes")
 
 
+@pytest.mark.slow
 def test_bench_script_tiny_json(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as `make bench` runs
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--config", "tiny", "--json",
@@ -35,6 +40,7 @@ def test_roofline_bytes_count_only_experts_hit():
     assert 25e9 < one["total"] < 40e9 and 1.0e12 < weight_bytes(KIMI_K2) < 1.05e12
 
 
+@pytest.mark.slow
 def test_gpu_bench_tiny_path_runs_on_cpu():
     from kimi_jax.bench import gpu
 

@@ -16,6 +16,8 @@ from kimi_jax.text.chat_template import (
     render_chat_segments,
 )
 
+pytestmark = pytest.mark.unit
+
 TEMPLATE_NAME = "chat_template_0905.jinja"
 
 

@@ -3,14 +3,17 @@
 import json
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
 import kimi_jax
 from kimi_jax.checkpoint.hf import CheckpointError
-from kimi_jax.config import ConfigError, TINY_KIMI
 from kimi_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, save_file
+from kimi_jax.config import TINY_KIMI, ConfigError
+
+pytestmark = pytest.mark.unit
 
 TARGET = "model.layers.1.mlp.experts.3.up_proj.weight"
 
@@ -110,11 +113,16 @@ def test_bad_token_ids_and_context(checkpoint):
         model.logits(np.zeros((1, TINY_KIMI.max_position_embeddings + 1), np.int32))
 
 
-def test_extra_release_tensors_are_ignored(checkpoint):
-    """`rotary_emb.inv_freq` buffers in some dumps are skipped, not an error."""
+def test_extra_release_tensors_are_ignored(checkpoint, hub_checkpoint):
+    """`rotary_emb.inv_freq` buffers in some dumps are skipped, not an error: the model loads the
+    same weights and gives the same logits as without them."""
     path, index, shard = checkpoint
     name = "model.layers.0.self_attn.rotary_emb.inv_freq"
     rewrite_shard(path, shard, lambda t: t.__setitem__(name, np.ones(8, np.float32)))
     index["weight_map"][name] = shard
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    kimi_jax.load(path)
+    got = kimi_jax.load(path, dtype="float32")
+    want = kimi_jax.load(hub_checkpoint(TINY_KIMI)[0], dtype="float32")
+    assert jax.tree.structure(got.params) == jax.tree.structure(want.params)
+    tokens = np.arange(12, dtype=np.int32)[None] % TINY_KIMI.vocab_size
+    np.testing.assert_array_equal(got.logits(tokens), want.logits(tokens))

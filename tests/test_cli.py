@@ -13,6 +13,8 @@ from kimi_jax.config import TINY_KIMI
 from kimi_jax.runtime.generation import cache_root
 from kimi_jax.text.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.generation
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,7 @@ def run(env, *args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_demo_conversation_json_and_stream(env):
     """No prompt: the embedded tiny chat model answers, calls get_weather, and answers from the result."""
     out = json.loads(run(env, "--json").stdout)
@@ -58,6 +61,7 @@ def test_demo_conversation_json_and_stream(env):
     assert f"{tokens} tokens" in summary and "time to first token" in summary and "tokens/s" in summary
 
 
+@pytest.mark.slow
 def test_chat_json(env):
     """--chat goes through the chat template, samples at the model card's 0.6 unless told, reports the parsed reply."""
     from kimi_jax.runtime.default_model import TINY_CHAT

@@ -10,15 +10,16 @@ import pytest
 import torch
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from kimi_jax.model.attention import MLA
-from kimi_jax.config import KIMI_K2, TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.bench.oracle import hf_config, hf_state_dict
-from kimi_jax.model.layers import (apply_rope, rms_norm, rope_angles, rope_attention_factor, rope_inv_freq,
-                                   softmax_scale)
 from kimi_jax import kernels
+from kimi_jax.bench.oracle import hf_config, hf_state_dict
+from kimi_jax.config import KIMI_K2, TINY_DEEPSEEK, TINY_KIMI
+from kimi_jax.model.attention import MLA
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, rope_attention_factor, rope_inv_freq, softmax_scale
 from kimi_jax.model.moe import MoE, route
 from kimi_jax.model.quant import QArray, dequantize, quantize_block_fp8
 from kimi_jax.model.weights import random_params
+
+pytestmark = pytest.mark.parity
 
 CONFIGS = [TINY_KIMI, TINY_DEEPSEEK]
 

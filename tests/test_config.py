@@ -5,11 +5,12 @@ import json
 
 import jax
 import pytest
+from conftest import reference_file
 
 from kimi_jax.config import DEEPSEEK_V3, KIMI_K2, TINY_DEEPSEEK, TINY_KIMI, Config, ConfigError, get_config
 from kimi_jax.model.weights import abstract_params, count_params, param_bytes
 
-from conftest import reference_file
+pytestmark = pytest.mark.unit
 
 
 def real_config() -> dict:
@@ -77,8 +78,9 @@ def release_tensor_count(c: Config) -> int:
 
 
 def test_full_kimi_k2_parameter_count_from_eval_shape():
-    from kimi_jax.model.decoder import Transformer
     import jax.numpy as jnp
+
+    from kimi_jax.model.decoder import Transformer
 
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     tree = jax.eval_shape(lambda t: Transformer(KIMI_K2).init(jax.random.PRNGKey(0), t, t), tokens)["params"]

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.checkpoint.hf import CheckpointError, save_hf_checkpoint
-from kimi_jax.config import TINY_KIMI
 from kimi_jax.checkpoint.convert import convert
+from kimi_jax.checkpoint.hf import CheckpointError, save_hf_checkpoint
 from kimi_jax.checkpoint.orbax import MARKER
-from kimi_jax.model.quant import QArray, dequantize
 from kimi_jax.checkpoint.safetensors import SafetensorsError, SafetensorsFile, save_file
+from kimi_jax.config import TINY_KIMI
+from kimi_jax.model.quant import QArray, dequantize
 from kimi_jax.model.weights import random_params
+
+pytestmark = pytest.mark.sharded
 
 TOKENS = np.array([[3, 17, 101, 5, 250, 42, 7, 199]], np.int32)
 TARGET = "model.layers.1.mlp.experts.3.up_proj.weight"

@@ -12,6 +12,8 @@ from kimi_jax.text.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS, SentencePieceTok
 from kimi_jax.text.tool_calls import parse_tool_calls
 from kimi_jax.train import corpus
 
+pytestmark = pytest.mark.unit
+
 
 @functools.cache
 def _conversations(n=600, seed=0):

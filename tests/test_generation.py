@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.runtime import generation
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
 from kimi_jax.model.decoder import Transformer, init_cache
+from kimi_jax.runtime import generation
+
+pytestmark = pytest.mark.generation
 
 # Lengths all fall in the 16-token prompt bucket, so each batch size compiles one prefill.
 PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [42, 7, 99]]
@@ -207,8 +209,8 @@ def test_sharded_decode_equals_unsharded(kimi, hub_checkpoint):
 
 
 def test_random_model_is_a_hub_checkpoint(random_dir):
-    from kimi_jax.runtime.default_model import BPE_RANKS, random_checkpoint, random_config
     from kimi_jax.model.quant import QArray
+    from kimi_jax.runtime.default_model import BPE_RANKS, random_checkpoint, random_config
 
     path = random_dir
     assert random_checkpoint(path.parent) == path  # written once, then found

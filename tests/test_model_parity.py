@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 import kimi_jax
-from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.bench.oracle import hf_logits, hf_model
+from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.checkpoint.safetensors import SafetensorsFile, read_index
+from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
 from kimi_jax.model.weights import random_params
+
+pytestmark = pytest.mark.parity
 
 
 def index_shard(path, name: str) -> str:

@@ -12,6 +12,8 @@ from kimi_jax.kernels.grouped import tile_rows
 from kimi_jax.model.experts import reference_experts
 from kimi_jax.model.quant import QArray, quantize_block_fp8
 
+pytestmark = pytest.mark.unit
+
 E, D, I, K = 12, 40, 24, 3
 
 

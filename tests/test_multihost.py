@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 import kimi_jax
-from kimi_jax.runtime import distributed
-from kimi_jax.config import TINY_KIMI
 from kimi_jax.checkpoint.convert import convert
+from kimi_jax.config import TINY_KIMI
+from kimi_jax.runtime import distributed
+
+pytestmark = pytest.mark.sharded
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [5, 6, 7, 8]
@@ -27,6 +29,7 @@ def env():
     return e
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_transformers(hub_checkpoint, tmp_path):
     import torch
 

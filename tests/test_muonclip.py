@@ -8,9 +8,11 @@ import pytest
 
 from kimi_jax.model.attention import MLA
 from kimi_jax.model.layers import rms_norm
+from kimi_jax.model.weights import build_tree
 from kimi_jax.train import muonclip
 from kimi_jax.train.trainer import forward_with_stats, init_params, tiny_chat_config
-from kimi_jax.model.weights import build_tree
+
+pytestmark = pytest.mark.unit
 
 CFG = tiny_chat_config(vocab_size=96)
 
@@ -70,6 +72,7 @@ def test_muon_decoupled_weight_decay():
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * w["w"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_optimizer_groups():
     labels = build_tree(CFG, muonclip.param_label)
     moe = labels["moe_layers"]

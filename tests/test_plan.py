@@ -8,13 +8,15 @@ import sys
 
 import jax
 import pytest
-
 from conftest import reference_file
+
 from kimi_jax import KIMI_K2
 from kimi_jax.config import TINY_KIMI
+from kimi_jax.model.weights import abstract_params, count_params
 from kimi_jax.plan import main
 from kimi_jax.runtime.plan import HARDWARE, plan
-from kimi_jax.model.weights import abstract_params, count_params
+
+pytestmark = pytest.mark.sharded
 
 # Weights the default rules split along `tensor` (besides the routed experts, split along expert × tensor).
 TENSOR_SPLIT = ("q_b_proj", "kv_b_proj", "o_proj", "shared_gate", "shared_up", "shared_down", "embed", "lm_head")

@@ -10,6 +10,8 @@ from kimi_jax import kernels
 from kimi_jax.kernels.streamed import STREAM_MAX_ROWS, streamed_linear, streams
 from kimi_jax.model.quant import QArray, dequantize, fp8_to_float32, linear, quantize_block_fp8
 
+pytestmark = pytest.mark.unit
+
 
 def test_fp8_bytes_decode_exactly_on_all_256_codes():
     codes = np.arange(256, dtype=np.uint8)

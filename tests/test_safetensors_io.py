@@ -13,8 +13,16 @@ import safetensors.torch
 import torch
 
 from kimi_jax.checkpoint import safetensors as sio
-from kimi_jax.checkpoint.safetensors import (SafetensorsError, SafetensorsFile, ShardedCheckpointReader,
-                                     read_index, save_file, write_index)
+from kimi_jax.checkpoint.safetensors import (
+    SafetensorsError,
+    SafetensorsFile,
+    ShardedCheckpointReader,
+    read_index,
+    save_file,
+    write_index,
+)
+
+pytestmark = pytest.mark.unit
 
 RNG = np.random.default_rng(0)
 

@@ -7,6 +7,8 @@ import pytest
 
 from kimi_jax.runtime.sampling import SamplingParams, keep_threshold, reference_distribution, sample
 
+pytestmark = pytest.mark.unit
+
 LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.3, 0.0, -0.4, -1.0, -2.0, 0.7, 1.0], np.float32)
 # (temperature, top_p, top_k): plain, top-k only, top-p only, both, a hot temperature.
 SETTINGS = [(0.6, 1.0, 0), (1.0, 1.0, 3), (1.0, 0.8, 0), (0.7, 0.9, 5), (1.5, 1.0, 0)]

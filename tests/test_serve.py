@@ -11,16 +11,24 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
-
 # The clients are in the test extra: a missing one is an install error, never a skip.
 import anthropic  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
-
+import pytest
 from serve_util import (  # noqa: E402
-    LONG_TALK, TOOLS, WEATHER_ANSWER, LiveServer, ScriptedGenerator, get_weather, metrics, tool_call_with_client,
-    weather_script)
+    LONG_TALK,
+    TOOLS,
+    WEATHER_ANSWER,
+    LiveServer,
+    ScriptedGenerator,
+    get_weather,
+    metrics,
+    tool_call_with_client,
+    weather_script,
+)
+
+pytestmark = pytest.mark.serve
 
 MODEL = "kimi-k2-instruct"
 SLOTS = 16

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
-
+import pytest
 from serve_util import tool_call_with_client  # noqa: E402
+
+pytestmark = pytest.mark.serve
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
 import pytest
 
+pytestmark = pytest.mark.serve
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "kimi-k2-instruct"
 DEEP = b"[" * 100_000 + b"]" * 100_000

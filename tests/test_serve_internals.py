@@ -1,12 +1,11 @@
 """The serving layer without a model: the streaming detokenizer, error paths that need a failure on
-cue (a fake scheduler, FastAPI's TestClient), and the import order of kimi_jax/serve."""
+cue (a fake scheduler, FastAPI's TestClient). (serve's import order is an import-linter contract:
+tests/test_architecture.py.)"""
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +18,9 @@ from kimi_jax.serve.server import Server
 from kimi_jax.text.detokenize import Detokenizer, Piece
 from kimi_jax.text.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.serve
+
 MODEL = "kimi-k2-instruct"
-SERVE = Path(__file__).resolve().parents[1] / "kimi_jax" / "serve"
 
 
 @pytest.fixture(scope="module")
@@ -150,27 +150,3 @@ def test_fastapi_validation_errors_take_the_api_style(tok):
 
     r = client.get("/v1/messages/probe", params={"n": "x"})
     assert r.status_code == 400 and r.json()["type"] == "error" and r.json()["error"]["message"].startswith("query.n:")
-
-
-# Import order ---------------------------------------------------------------------------------
-LAYERS = ["errors", "validation", "metrics", "server", "streaming", "openai", "anthropic", "app", "cli", "__main__"]
-
-
-def test_serve_modules_import_only_lower_ones():
-    """kimi_jax/serve/__init__.py's order, function-local imports included: no cycle, and nothing but
-    the command line imports the app."""
-    assert sorted(p.stem for p in SERVE.glob("*.py") if p.stem != "__init__") == sorted(LAYERS)
-    for path in SERVE.glob("*.py"):
-        if path.stem == "__init__":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                if name.startswith("kimi_jax.serve."):
-                    used = name.split(".")[2]
-                    if used in LAYERS:
-                        assert LAYERS.index(used) < LAYERS.index(path.stem), f"{path.name} imports {name}"

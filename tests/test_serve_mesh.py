@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import threading
 
-
 import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
+import pytest
+
+pytestmark = pytest.mark.serve
 
 
+@pytest.mark.slow
 def test_sharded_server_equals_generate():
     from kimi_jax.serve.app import create_app
     from kimi_jax.serve.cli import LiveServer, build_server, parse_args

@@ -9,15 +9,26 @@ import numpy as np
 import pytest
 
 import kimi_jax
+from kimi_jax import kernels
 from kimi_jax.checkpoint.hf import load_hf_params
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax import kernels
 from kimi_jax.model.experts import reference_experts
 from kimi_jax.model.moe import route
 from kimi_jax.model.quant import QArray
 from kimi_jax.model.weights import random_params
-from sharding import (DP_ATTENTION_RULES, RULES, MeshError, MeshLayout, Rules, check, make_mesh, param_shardings,
-                      parse_mesh_spec)
+from sharding import (
+    DP_ATTENTION_RULES,
+    RULES,
+    MeshError,
+    MeshLayout,
+    Rules,
+    check,
+    make_mesh,
+    param_shardings,
+    parse_mesh_spec,
+)
+
+pytestmark = pytest.mark.sharded
 
 # DeepSeek-like with 8×8 fp8 blocks: here expert and head shards hold whole blocks, so the scales split with
 # the values; TINY_KIMI's 128-blocks are wider than any shard, so its scales stay replicated.

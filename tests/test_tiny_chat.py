@@ -11,6 +11,8 @@ from kimi_jax.runtime.default_model import TINY_CHAT, default_checkpoint
 from kimi_jax.text.tokenizer import SentencePieceTokenizer
 from kimi_jax.train import corpus, evaluate
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -70,6 +72,7 @@ def test_chat_calls_the_weather_tool_then_answers(model):
     assert not answer["tool_calls"] and str(case.weather.temp) in answer["content"]
 
 
+@pytest.mark.slow
 def test_heldout_tool_use_accuracy(model):
     """All 44 held-out cities and phrasings, greedy and at temperature 0.6 (a fixed seed per case): ≥ 90%."""
     report = evaluate.evaluate(model, model.tokenizer, corpus.heldout_weather_cases())

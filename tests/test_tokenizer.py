@@ -20,6 +20,8 @@ from kimi_jax.text.tokenizer import (
     write_tiktoken_file,
 )
 
+pytestmark = pytest.mark.unit
+
 CORPUS_LINES = [
     "The quick brown fox jumps over the lazy dog. It's 12:45 and we're done; they'll see.",
     "Kimi-K2 is a mixture-of-experts model with 384 experts, 8 of which are active per token.",

@@ -18,6 +18,8 @@ from kimi_jax.text.tool_calls import (
     parse_tool_calls,
 )
 
+pytestmark = pytest.mark.unit
+
 SB, SE = tool_calls.SECTION_BEGIN, tool_calls.SECTION_END
 CB, ARG, CE = tool_calls.CALL_BEGIN, tool_calls.ARGUMENT_BEGIN, tool_calls.CALL_END
 

@@ -6,10 +6,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kimi_jax.runtime.engine import load
 from kimi_jax.text.tokenizer import SentencePieceTokenizer
 from kimi_jax.train import corpus, trainer
+
+pytestmark = pytest.mark.unit
 
 # A smaller model than the shipped one (same structure), so the test compiles and runs in seconds.
 SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=32,
@@ -39,6 +42,7 @@ def _trained():
     return params, history
 
 
+@pytest.mark.slow
 def test_loss_decreases():
     _, history = _trained()
     losses = [r["loss"] for r in history]
@@ -47,6 +51,7 @@ def test_loss_decreases():
     assert all(r["clipped_heads"] == 0 for r in history)  # τ = 100 is far above a fresh model's logits
 
 
+@pytest.mark.slow
 def test_step_applies_qk_clip_and_moves_the_router_bias():
     cfg, *_ = _setup()
     params = trainer.init_params(cfg, seed=1)

@@ -16,13 +16,22 @@ import dataclasses
 import gc
 import statistics
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from kimi_jax.bench import roofline
+from kimi_jax.bench.generation import machine, ttft_figures
+from kimi_jax.bench.oracle import hf_model
+from kimi_jax.bench.profile import decode_step_parts
+from kimi_jax.bench.profile import markdown as profile_table
+from kimi_jax.bench.timing import status_kb, timed_stream
+from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.config import KIMI_K2, TINY_KIMI, Config
+from kimi_jax.model.weights import param_bytes, random_params
+from kimi_jax.runtime.engine import load
+from kimi_jax.runtime.generation import make_requests
 
 # Kimi-K2's structure scaled to a 2-core, 24 GiB machine: ~0.7 GB of weights, most of it fp8 experts.
 BENCH = dataclasses.replace(
@@ -53,9 +62,6 @@ SMOKE = Settings(reps=1, decode_steps=8, decode_prompt=8, prefill_prompt=32, ttf
 
 def write_checkpoint(cfg: Config, directory: Path) -> tuple[Path, float]:
     """Random block-fp8 weights for `cfg` in hub layout, written once per directory -> (path, seconds spent)."""
-    from kimi_jax.checkpoint.hf import save_hf_checkpoint
-    from kimi_jax.model.weights import random_params
-
     start = time.perf_counter()
     if not (directory / "config.json").is_file():
         save_hf_checkpoint(random_params(cfg, seed=0, std=0.05), cfg, directory, num_shards=2)
@@ -81,8 +87,6 @@ def _prompts(cfg: Config, batch: int, length: int, seed: int = 0) -> list[list[i
 
 def kimi_prefill(model, prompt_len: int) -> Callable[[], float]:
     """Seconds for one prefill of a `prompt_len`-token prompt (cache built, first token sampled)."""
-    from kimi_jax.runtime.generation import make_requests
-
     requests = make_requests(model.config, _prompts(model.config, 1, prompt_len), 1, temperature=0.0,
                              stop_token_ids=[])
 
@@ -96,14 +100,11 @@ def kimi_prefill(model, prompt_len: int) -> Callable[[], float]:
 
 def kimi_decode(model, batch: int, s: Settings) -> Callable[[], float]:
     """Seconds per decode step (all rows together) over `s.decode_steps` greedy steps after prefill."""
-    from kimi_jax.bench.generation import _timed_stream
-    from kimi_jax.runtime.generation import make_requests
-
     requests = make_requests(model.config, _prompts(model.config, batch, s.decode_prompt), s.decode_steps + 1,
                              temperature=0.0, stop_token_ids=[])
 
     def run() -> float:
-        _, seconds, tokens = _timed_stream(model.generator, requests)
+        _, seconds, tokens = timed_stream(model.generator, requests)
         return seconds / (tokens / batch)
     return run
 
@@ -141,12 +142,6 @@ def hf_decode(hf, cfg: Config, batch: int, s: Settings) -> Callable[[], float]:
     return run
 
 
-def _rss_kb(field: str) -> int:
-    from kimi_jax.bench.memory import _status_kb
-
-    return _status_kb(field)
-
-
 # The whole run -----------------------------------------------------------------------------------
 def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_profile: bool = True,
         log=print) -> dict:
@@ -154,10 +149,6 @@ def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_
     import jax
     import torch
 
-    from kimi_jax.bench.generation import machine, ttft_figures
-    from kimi_jax.runtime.engine import load
-    from kimi_jax.bench.oracle import hf_model
-    from kimi_jax.model.weights import param_bytes
 
     cfg = CONFIGS[config]
     path, write_s = write_checkpoint(cfg, cache_dir / cfg.name)
@@ -165,11 +156,11 @@ def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_
     bandwidth = roofline.host_copy_bandwidth(1 << 30 if config != "tiny" else 64 << 20)
     log(f"host copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     jax.numpy.zeros(1).block_until_ready()
-    baseline = _rss_kb("VmRSS") * 1024  # jax and torch imported, nothing loaded
+    baseline = status_kb("VmRSS") * 1024  # jax and torch imported, nothing loaded
     model = load(path, dtype="bfloat16")
     weight_bytes = param_bytes(model.params)
     gc.collect()  # the loader's host copies are garbage now: do not count them as kimi_jax's memory
-    load_peak, after_load = _rss_kb("VmHWM") * 1024, _rss_kb("VmRSS") * 1024
+    load_peak, after_load = status_kb("VmHWM") * 1024, status_kb("VmRSS") * 1024
     # Reset the peak to the current RSS: what follows is the peak of compiling and running.
     Path("/proc/self/clear_refs").write_text("5")
     fns = {"prefill": kimi_prefill(model, s.prefill_prompt)}
@@ -177,7 +168,7 @@ def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_
         fns[f"decode_b{b}"] = kimi_decode(model, b, s)
     for fn in fns.values():  # compile, and the peak of kimi_jax alone before transformers holds memory
         fn()
-    peak = _rss_kb("VmHWM") * 1024
+    peak = status_kb("VmHWM") * 1024
     log(f"kimi_jax compiled; peak RSS {peak / 1e9:.2f} GB (baseline {baseline / 1e9:.2f} GB)")
     start = time.perf_counter()
     hf = hf_model(model.params, cfg, torch.bfloat16)
@@ -213,8 +204,6 @@ def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_
         out[f"decode_roofline_fraction{suffix}"] = roofline.roofline_fraction(need["total"], bandwidth, step)
         out[f"hf_decode_roofline_fraction{suffix}"] = roofline.roofline_fraction(need["total"], bandwidth, hf_step)
     if with_profile:
-        from kimi_jax.bench.profile import decode_step_parts
-
         log("profile of one decode step at batch 1 (ablation)")
         out["profile_b1_s"] = decode_step_parts(model, 1, context)
         out["decode_step_in_loop_b1_s"] = times[f"decode_b{s.batches[0]}"]
@@ -261,8 +250,6 @@ def markdown(r: dict, command: str) -> str:
         lines.append(f"- Time to first token, fresh process, 16-token prompt: cold compile cache "
                      f"{r['ttft_cold_cache_s']:.2f} s, warm {r['ttft_warm_cache_s']:.2f} s.")
     if "profile_b1_s" in r:
-        from kimi_jax.bench.profile import markdown as profile_table
-
         lines += ["", "Where one decode step's time goes (batch 1, parts timed alone, dispatch subtracted):", "",
                   profile_table(r["profile_b1_s"], r["decode_step_in_loop_b1_s"])]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from kimi_jax.bench.timing import timed_stream
+from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.config import KIMI_K2, Config
+from kimi_jax.model.decoder import init_cache
+from kimi_jax.model.weights import random_params
+from kimi_jax.runtime.default_model import random_checkpoint
+from kimi_jax.runtime.engine import load
+from kimi_jax.runtime.generation import (
+    expanded_cache_bytes_per_token_per_layer,
+    kv_cache_bytes_per_token_per_layer,
+    make_requests,
+)
 
 # A larger CPU bench shape: Kimi-K2's structure at hidden 1024, 4 layers (1 dense), 64 experts top-8.
 BENCH_CONFIG = dataclasses.replace(
@@ -35,39 +46,22 @@ BENCH_CONFIG = dataclasses.replace(
 
 def write_bench_checkpoint(directory: Path, cfg: Config = BENCH_CONFIG) -> Path:
     """Random block-fp8 weights for `cfg` in hub layout (written once per directory)."""
-    from kimi_jax.checkpoint.hf import save_hf_checkpoint
-    from kimi_jax.model.weights import random_params
-
     if not (directory / "config.json").is_file():
         save_hf_checkpoint(random_params(cfg, seed=0, std=0.05), cfg, directory, num_shards=2)
     return directory
 
 
-def _timed_stream(generator, requests):
-    """(seconds to the first tokens, seconds for the rest, tokens generated after the first)."""
-    start = time.perf_counter()
-    stream = generator.stream(requests)
-    first = next(stream)
-    t_first = time.perf_counter()
-    rest = sum(len(t) for chunk in stream for t in chunk)
-    t_end = time.perf_counter()
-    assert all(len(t) == 1 for t in first)
-    return t_first - start, t_end - t_first, rest
-
-
 def decode_figures(model, batch: int, prompt_len: int = 16, new_tokens: int = 64, reps: int = 5,
                    steps_per_call: int | None = None) -> dict:
     """Median decode tokens/s (all rows together) and warm time to first token for one batch size."""
-    from kimi_jax.runtime.generation import make_requests
-
     gen = model.generator
     if steps_per_call is not None:
         gen.steps_per_call = steps_per_call
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
     requests = make_requests(model.config, prompts, new_tokens, temperature=0.0, stop_token_ids=[])
-    _timed_stream(gen, requests)  # compile
-    runs = [_timed_stream(gen, requests) for _ in range(reps)]
+    timed_stream(gen, requests)  # compile
+    runs = [timed_stream(gen, requests) for _ in range(reps)]
     return {"batch": batch, "steps_per_call": gen.steps_per_call,
             "decode_tokens_per_s": statistics.median(n / t for _, t, n in runs),
             "ms_per_step": statistics.median(1e3 * t / (n / batch) for _, t, n in runs),
@@ -88,9 +82,6 @@ def ttft_in_fresh_process(checkpoint: Path | None, compile_cache: Path, dtype: s
 
 def child_ttft(checkpoint: str, dtype: str) -> dict:
     """In a fresh process: load, then time one prompt's first token (tracing + compile or cache load + run)."""
-    from kimi_jax.runtime.default_model import random_checkpoint
-    from kimi_jax.runtime.engine import load
-
     t0 = time.perf_counter()
     model = load(checkpoint or random_checkpoint(), dtype=dtype)
     t1 = time.perf_counter()
@@ -111,9 +102,6 @@ def ttft_figures(checkpoint: Path | None, dtype: str, reps: int = 5) -> dict:
 
 def cache_figures(model) -> dict:
     """KV-cache bytes per token per layer: the latent cache (measured on an allocated cache) vs per-head K/V."""
-    from kimi_jax.runtime.generation import expanded_cache_bytes_per_token_per_layer, kv_cache_bytes_per_token_per_layer
-    from kimi_jax.model.decoder import init_cache
-
     cfg = model.config
     cache = jax.eval_shape(lambda: init_cache(cfg, 2, 64, model.dtype))
     measured = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) // (2 * 64 * cfg.num_hidden_layers)
@@ -148,9 +136,6 @@ def machine() -> str:
 
 def run_all(models: dict[str, Path | None], dtype: str, reps: int, new_tokens: int) -> dict:
     """All figures for each named checkpoint (None: the random-weight TINY_KIMI checkpoint)."""
-    from kimi_jax.runtime.default_model import random_checkpoint
-    from kimi_jax.runtime.engine import load
-
     results = {}
     for name, path in models.items():
         model = load(path or random_checkpoint(), dtype=dtype)

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 from kimi_jax import kernels
 from kimi_jax.bench import roofline
 from kimi_jax.bench.compare import TINY, Settings, kimi_decode, kimi_prefill
+from kimi_jax.bench.generation import machine
+from kimi_jax.bench.timing import median_seconds
 from kimi_jax.config import KIMI_K2, Config
 from kimi_jax.model.quant import QArray
-from kimi_jax.model.weights import build_tree, scale_shape
-from kimi_jax.bench.timing import median_seconds
+from kimi_jax.model.weights import build_tree, param_bytes, scale_shape
+from kimi_jax.runtime.engine import Model
 
 GPU_SETTINGS = Settings(reps=3, decode_steps=32, decode_prompt=64, prefill_prompt=2048, batches=(1, 8, 64))
 TINY_SETTINGS = Settings(reps=1, decode_steps=4, decode_prompt=8, prefill_prompt=32, batches=(1,))
@@ -99,10 +101,6 @@ def matmul_rate(n: int, reps: int = 5) -> float:
 
 def run(config: str = "k2-width", log=print) -> dict:
     """Every figure for the GPU report (or the tiny smoke version of it)."""
-    from kimi_jax.bench.generation import machine
-    from kimi_jax.runtime.engine import Model
-    from kimi_jax.model.weights import param_bytes
-
     dev = jax.devices()[0]
     device_bytes = (dev.memory_stats() or {}).get("bytes_limit", 0)
     tiny = config == "tiny"

@@ -16,7 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+import kimi_jax
+from kimi_jax import kernels
+from kimi_jax.bench.timing import status_kb
+from kimi_jax.checkpoint.hf import load_hf_params, save_hf_checkpoint
 from kimi_jax.config import TINY_KIMI, Config
+from kimi_jax.model.weights import param_bytes, random_params
+from kimi_jax.runtime.engine import Model
 
 # ~1.1 GB of fp8 expert weights: 7 MoE layers x 96 experts x 3 x 512 x 1024.
 MEMORY_BENCH = dataclasses.replace(
@@ -26,33 +35,16 @@ MEMORY_BENCH = dataclasses.replace(
     n_routed_experts=96, num_experts_per_tok=8)
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(path: str, storage: str, tokens: int) -> dict:
-    """Runs inside the measuring process: load, forward, report bytes. (Imports are local: the parent
-    process only spawns children and should not pay for JAX.)"""
-    import jax
-    import numpy as np
-
-    import kimi_jax
-    from kimi_jax import kernels
-    from kimi_jax.checkpoint.hf import load_hf_params
-    from kimi_jax.runtime.engine import Model
-    from kimi_jax.model.weights import param_bytes
-
+    """Runs inside the measuring process: load, forward, report bytes."""
     jax.numpy.zeros(1).block_until_ready()  # initialise the backend before the baseline
-    baseline = _status_kb("VmRSS") * 1024
+    baseline = status_kb("VmRSS") * 1024
     cfg = kimi_jax.Config.from_json(path)
     # storage "fp8" holds float8_e4m3fn on CPU (what a GPU/TPU holds): shows XLA's f16 hoisting.
     fp8 = np.dtype("float8_e4m3fn") if storage == "fp8" else kernels.for_devices().fp8_storage
     params = load_hf_params(path, cfg, storage=fp8)
     model = Model(cfg, params, dtype="bfloat16")
-    loaded = _status_kb("VmRSS") * 1024
+    loaded = status_kb("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, tokens))
     start = time.perf_counter()
@@ -61,7 +53,7 @@ def child(path: str, storage: str, tokens: int) -> dict:
     start = time.perf_counter()
     model.logits(ids)
     run = time.perf_counter() - start
-    peak = _status_kb("VmHWM") * 1024
+    peak = status_kb("VmHWM") * 1024
     return {"storage": storage, "weight_bytes": param_bytes(params), "baseline_rss": baseline,
             "after_load_rss": loaded, "forward_peak_rss": peak, "peak_over_baseline": peak - baseline,
             "ratio": (peak - baseline) / param_bytes(params), "first_forward_s": compile_and_run,
@@ -81,9 +73,6 @@ def measure(path: Path, storages=("native", "fp8"), tokens: int = 64) -> list[di
 
 
 def write_checkpoint(cfg: Config, path: Path, seed: int = 0) -> Path:
-    from kimi_jax.checkpoint.hf import save_hf_checkpoint
-    from kimi_jax.model.weights import random_params
-
     if not (path / "model.safetensors.index.json").exists():
         save_hf_checkpoint(random_params(cfg, seed=seed), cfg, path, num_shards=4)
     return path

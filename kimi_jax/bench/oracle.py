@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from kimi_jax.checkpoint.hf import hf_tensors
+from kimi_jax.checkpoint.hf import SCALE_SUFFIX, hf_tensors
 from kimi_jax.config import Config
 from kimi_jax.model.quant import QArray, dequantize
-from kimi_jax.checkpoint.hf import SCALE_SUFFIX
 
 
 def hf_config(cfg: Config):

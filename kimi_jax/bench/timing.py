@@ -1,8 +1,9 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing and process-memory helpers shared by the benchmarks."""
 
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 
@@ -16,3 +17,24 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_stream(generator, requests):
+    """(seconds to the first tokens, seconds for the rest, tokens generated after the first) of one
+    `Generator.stream` over `requests`."""
+    start = time.perf_counter()
+    stream = generator.stream(requests)
+    first = next(stream)
+    t_first = time.perf_counter()
+    rest = sum(len(t) for chunk in stream for t in chunk)
+    t_end = time.perf_counter()
+    assert all(len(t) == 1 for t in first)
+    return t_first - start, t_end - t_first, rest
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM, RssAnon, ...)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")

@@ -20,19 +20,26 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 
-from kimi_jax.checkpoint.hf import FLOAT_SOURCES, SCALE_SUFFIX, HFReader, _expected_names
-from kimi_jax.config import Config
-from kimi_jax.checkpoint.orbax import (MARKER, expected_parts, group_bytes, release_host_memory, write_group,
-                               write_marker)
-from kimi_jax.model.quant import quantize_block_fp8
+from kimi_jax.checkpoint.hf import FLOAT_SOURCES, SCALE_SUFFIX, HFReader, expected_names
+from kimi_jax.checkpoint.orbax import (
+    MARKER,
+    expected_parts,
+    group_bytes,
+    release_host_memory,
+    write_group,
+    write_marker,
+)
 from kimi_jax.checkpoint.safetensors import INDEX_FILENAME
+from kimi_jax.config import Config
+from kimi_jax.model.quant import quantize_block_fp8
 from kimi_jax.model.weights import Leaf, leaves, scale_shape
+from sharding import check
 
 RELEASE_BLOCK = (128, 128)
 
@@ -83,7 +90,7 @@ def verify(reader: HFReader, cfg: Config) -> None:
     fp8 = (np.dtype("float8_e4m3fn"),)
     for leaf in leaves(cfg):
         per_tensor = leaf.spec.shape[1:] if leaf.spec.per_expert else leaf.spec.shape
-        for _, name in _expected_names(leaf):
+        for _, name in expected_names(leaf):
             reader._tensor(name, per_tensor, fp8 if leaf.spec.quantized else FLOAT_SOURCES)
             if leaf.spec.quantized:
                 reader._tensor(name + SCALE_SUFFIX, scale_shape(per_tensor, cfg.weight_block_size),
@@ -134,7 +141,6 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, quantize: str
     source = Config.from_json(hf_dir)
     cfg = target_config(source, quantize)
     if mesh is not None:
-        from sharding import check
         check(cfg, mesh)
     reader = HFReader(hf_dir, source)  # checks every tensor name
     try:

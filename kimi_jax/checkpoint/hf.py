@@ -13,18 +13,18 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from kimi_jax.checkpoint.safetensors import ShardedCheckpointReader, save_file, write_index
 from kimi_jax.config import Config
 from kimi_jax.model.quant import QArray, to_storage
-from kimi_jax.checkpoint.safetensors import ShardedCheckpointReader, save_file, write_index
 from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
 
 SCALE_SUFFIX = "_scale_inv"  # `<name>.weight` -> `<name>.weight_scale_inv`
@@ -40,7 +40,7 @@ def tensor_name(leaf: Leaf, layer: int | None, expert: int | None = None) -> str
     return leaf.spec.hf.format(layer=layer, expert=expert)
 
 
-def _expected_names(leaf: Leaf) -> list[tuple[tuple[int, ...], str]]:
+def expected_names(leaf: Leaf) -> list[tuple[tuple[int, ...], str]]:
     """(index into the stacked array, checkpoint tensor name) for every piece of a weight."""
     layers = leaf.layers if leaf.layers is not None else (None,)
     experts = range(leaf.spec.shape[0]) if leaf.spec.per_expert else (None,)
@@ -65,7 +65,7 @@ class HFReader:
         names = set(self.files.keys())
         expected = set()
         for leaf in leaves(self.cfg):
-            for _, name in _expected_names(leaf):
+            for _, name in expected_names(leaf):
                 expected.add(name)
                 if leaf.spec.quantized:
                     expected.add(name + SCALE_SUFFIX)
@@ -115,7 +115,7 @@ class HFReader:
         out_shape = tuple(len(r) for r in stack_ranges) + tuple(
             len(range(*s.indices(n))) for s, n in zip(inner, per_tensor))
         out = np.empty(out_shape, out_dtype)
-        names = dict(_expected_names(leaf))
+        names = dict(expected_names(leaf))
         for pos in np.ndindex(*out_shape[:n_stack]):
             src = tuple(r[i] for r, i in zip(stack_ranges, pos))
             name = names[src] + suffix
@@ -166,7 +166,7 @@ def hf_tensors(params: dict[str, Any], cfg: Config):
         node = params
         for k in leaf.path:
             node = node[k]
-        for index, name in _expected_names(leaf):
+        for index, name in expected_names(leaf):
             if isinstance(node, QArray):
                 yield name, np.asarray(node.values[index]).view(ml_dtypes.float8_e4m3fn)
                 yield name + SCALE_SUFFIX, np.asarray(node.scales[index])

@@ -26,9 +26,9 @@ import ctypes
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable
 
 import jax
 import ml_dtypes

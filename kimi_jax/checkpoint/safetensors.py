@@ -20,8 +20,8 @@ import math
 import mmap
 import os
 import threading
-from typing import Any, NamedTuple
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np

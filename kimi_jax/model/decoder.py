@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.model.attention import MLA, LatentCache
 from kimi_jax.config import Config
+from kimi_jax.model.attention import MLA, LatentCache
 from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.layers import rms_norm
 from kimi_jax.model.layout import UNSHARDED, Layout

@@ -24,8 +24,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.config import TINY_KIMI, Config
+from kimi_jax.model.weights import random_params
+from kimi_jax.runtime.engine import load
 from kimi_jax.runtime.generation import cache_root
+from kimi_jax.text.tokenizer import train_bpe_ranks, write_tiktoken_file
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # kimi_jax/assets
 TINY_CHAT = ASSETS / "tiny_chat"
@@ -57,10 +61,6 @@ def version() -> str:
 
 
 def _write(directory: Path) -> None:
-    from kimi_jax.checkpoint.hf import save_hf_checkpoint
-    from kimi_jax.text.tokenizer import train_bpe_ranks, write_tiktoken_file
-    from kimi_jax.model.weights import random_params
-
     ranks = train_bpe_ranks([CORPUS.read_text(encoding="utf-8")], BPE_RANKS)
     if len(ranks) != BPE_RANKS:
         raise RuntimeError(f"the default corpus yields {len(ranks)} BPE ranks, fewer than {BPE_RANKS}")
@@ -105,16 +105,12 @@ def random_checkpoint(root: str | os.PathLike | None = None) -> Path:
 
 def load_default(dtype: str = "float32", **kwargs):
     """`kimi_jax.load` of the embedded tiny chat model (float32 compute: at this size it costs nothing)."""
-    from kimi_jax.runtime.engine import load
-
     return load(default_checkpoint(), dtype=dtype, **kwargs)
 
 
 def load_checkpoint_or_default(checkpoint: str | os.PathLike | None, dtype: str | None = None, **kwargs):
     """What the command lines load: `checkpoint` (bfloat16 compute unless `dtype` says otherwise), or with
     none the embedded tiny chat model (float32 unless told)."""
-    from kimi_jax.runtime.engine import load
-
     if checkpoint:
         return load(checkpoint, dtype=dtype or "bfloat16", **kwargs)
     return load_default(dtype=dtype or "float32", **kwargs)

@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.model.attention import LatentCache
 from kimi_jax.config import Config
+from kimi_jax.model.attention import LatentCache
 from kimi_jax.model.backend import REFERENCE, Backend
-from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.decoder import Transformer, init_cache
+from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
 from kimi_jax.text.detokenize import Detokenizer, Piece
 from kimi_jax.text.tool_calls import parse_tool_calls

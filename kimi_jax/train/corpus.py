@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from kimi_jax.runtime.default_model import CARD_WEATHER_TOOL  # noqa: F401  (declared where the demo uses it)
+from kimi_jax.text.chat_template import render_chat
+from kimi_jax.text.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS
 
 Conversation = dict[str, Any]  # {"messages": [...], "tools": [...] | None}
 
@@ -529,8 +531,6 @@ def train_tokenizer(conversations: Sequence[Conversation], vocab_size: int = 153
 
     import sentencepiece as spm
 
-    from kimi_jax.text.chat_template import render_chat
-    from kimi_jax.text.tokenizer import KIMI_SPECIAL_TOKEN_OFFSETS
 
     texts = [render_chat(c["messages"], c["tools"], add_generation_prompt=False) for c in conversations]
     model = io.BytesIO()

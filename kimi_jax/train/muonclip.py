@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kimi_jax.model.attention import attention_mask
 from kimi_jax.config import Config
+from kimi_jax.model.attention import attention_mask
 from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.quant import linear
 from kimi_jax.model.weights import LAYER_GROUPS, Leaf, build_tree

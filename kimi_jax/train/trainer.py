@@ -34,15 +34,18 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from kimi_jax.model.attention import MLA
+from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.config import KIMI_K2, TINY_KIMI, Config
+from kimi_jax.model.attention import MLA
 from kimi_jax.model.backend import REFERENCE
 from kimi_jax.model.decoder import Transformer
 from kimi_jax.model.moe import MoE, route
 from kimi_jax.model.quant import QArray, quantize_block_fp8
-from kimi_jax.train import muonclip
-from kimi_jax.train.corpus import Batch
 from kimi_jax.model.weights import LAYER_GROUPS, build_tree
+from kimi_jax.runtime.engine import Model, load
+from kimi_jax.text.tokenizer import SentencePieceTokenizer
+from kimi_jax.train import corpus, evaluate, muonclip
+from kimi_jax.train.corpus import Batch
 
 FP8_BLOCK = (128, 128)  # the release's block size for the shipped checkpoint
 
@@ -252,8 +255,6 @@ def quantize_params(params: dict[str, Any], cfg: Config, block: tuple[int, int] 
 def save_tiny_chat(params: dict[str, Any], cfg: Config, tokenizer_model: bytes, directory: str | Path,
                    num_shards: int = 2) -> Path:
     """Write the block-fp8 checkpoint in the hub layout plus `tokenizer.model` (sentencepiece)."""
-    from kimi_jax.checkpoint.hf import save_hf_checkpoint
-
     qparams, qcfg = quantize_params(params, cfg)
     directory = save_hf_checkpoint(qparams, qcfg, directory, num_shards=num_shards)
     (directory / "tokenizer.model").write_bytes(tokenizer_model)
@@ -302,10 +303,6 @@ def train_tiny_chat(out_dir: str | Path, recipe: Recipe = Recipe(), log: Callabl
     Returns (and writes to `out_dir/training.json`) the recipe, timings, losses and eval figures;
     the evaluation runs on the checkpoint as written, loaded back with `kimi_jax.load`.
     """
-    from kimi_jax.runtime.engine import Model, load
-    from kimi_jax.text.tokenizer import SentencePieceTokenizer
-    from kimi_jax.train import corpus, evaluate
-
     start = time.perf_counter()
     conversations = corpus.generate_conversations(recipe.conversations, recipe.corpus_seed)
     corpus.check_heldout_unseen(conversations)
