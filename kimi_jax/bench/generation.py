@@ -73,7 +73,7 @@ def ttft_in_fresh_process(checkpoint: Path | None, compile_cache: Path, dtype: s
     root = str(Path(__file__).resolve().parents[1])  # so the child imports this kimi_jax
     env = dict(os.environ, KIMI_JAX_COMPILE_CACHE=str(compile_cache),
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    code = ("import json, sys; from kimi_jax.bench_generation import child_ttft; "
+    code = ("import json, sys; from kimi_jax.bench.generation import child_ttft; "
             "print(json.dumps(child_ttft(*sys.argv[1:])))")
     args = [sys.executable, "-c", code, str(checkpoint or ""), dtype]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, check=True)

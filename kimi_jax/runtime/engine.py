@@ -40,7 +40,7 @@ class Model:
     def __init__(self, config: Config, params: dict[str, Any], dtype: str | Any = "bfloat16",
                  mesh: Any = None, backend: Backend | str | None = None, tokenizer: Any = None, rules: Any = None):
         self.config = config
-        self.tokenizer = tokenizer  # a kimi_jax.tokenizer.Tokenizer, or None
+        self.tokenizer = tokenizer  # a kimi_jax.text.tokenizer.Tokenizer, or None
         self.dtype = compute_dtype(dtype)
         # On a mesh: `layout` maps the model's logical axes to devices (sharding.MeshLayout);
         # `mesh` is the jax.sharding.Mesh. Params already placed by `load` stay where they are.
@@ -85,7 +85,7 @@ class Model:
         out = np.asarray(jax.block_until_ready(self._forward(self.params, tokens, positions)))[:b]
         return out[0] if squeeze else out
 
-    # Generation: thin wrappers over kimi_jax.generation ------------------------------------------
+    # Generation: thin wrappers over kimi_jax.runtime.generation---------------------------------------
     @functools.cached_property
     def generator(self) -> generation.Generator:
         """The compiled prefill/decode engine (built on first use)."""

@@ -519,7 +519,7 @@ def train_tokenizer(conversations: Sequence[Conversation], vocab_size: int = 153
 
     Lossless settings: identity normalisation, whitespace kept as is, no dummy-prefix space, byte
     fallback for any character the pieces miss. Kimi's special tokens are user-defined pieces with
-    their release names, which is what `kimi_jax.tokenizer.SentencePieceTokenizer` looks for.
+    their release names, which is what `kimi_jax.text.tokenizer.SentencePieceTokenizer` looks for.
 
     Two choices make copying learnable for a tiny model: one piece per digit, and a space is a
     piece of its own, so a word tokenizes the same after a space as after a quote. Otherwise
