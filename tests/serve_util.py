@@ -12,9 +12,17 @@ prefills and decodes with the others, and its reply is cut at the request's max_
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import jax.numpy as jnp
 import numpy as np
 
@@ -139,3 +147,35 @@ def metrics(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[re.sub(r"^kimi_jax_", "", name)] = float(value)
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def serve_subprocess(args: list[str], logs: Path):
+    """`python -m kimi_jax.serve ARGS` as a user starts it, on a free port; yields its URL once /health
+    answers 200. Its stdout and stderr go to logs/stdout and logs/stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), *args], cwd=ROOT,
+                                env=env, stdout=out, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server did not come up:\n{(logs / 'stderr').read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
 import pytest
-from serve_util import tool_call_with_client  # noqa: E402
+from serve_util import serve_subprocess, tool_call_with_client  # noqa: E402
 
 pytestmark = pytest.mark.serve
 
@@ -20,32 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(tmp_path_factory):
     """`python -m kimi_jax.serve` with an API key, on a free port, serving the embedded tiny chat model."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), "--api-key", "sk-cli",
-                             "--max-batch", "2", "--max-context", "512", "--served-model-name", "kimi-test"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log = proc.stdout.read() if proc.poll() is not None else ""
-                raise AssertionError(f"server did not come up:\n{log}")
-            time.sleep(0.3)
+    with serve_subprocess(["--api-key", "sk-cli", "--max-batch", "2", "--max-context", "512",
+                           "--served-model-name", "kimi-test"], tmp_path_factory.mktemp("serve-cli")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_cli_serves_with_key(served):
@@ -79,8 +55,6 @@ def test_cli_help_lists_flags():
 
 
 def test_serve_takes_the_multi_host_flags_and_fails_clearly_without_a_coordinator():
-    import subprocess
-    import sys
 
     res = subprocess.run([sys.executable, "-m", "kimi_jax.serve", "--num-processes", "2", "--process-id", "1",
                           "--coordinator-address", "127.0.0.1:1", "--init-timeout", "2"],

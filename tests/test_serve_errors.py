@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
 import pytest
+from serve_util import serve_subprocess
 
 pytestmark = pytest.mark.serve
 
@@ -90,30 +89,9 @@ ANTHROPIC_CASES = [
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`python -m kimi_jax.serve` on a free port (embedded model, 2 slots); yields (url, stderr path)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     logs = tmp_path_factory.mktemp("serve-errors")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), "--max-batch", "2",
-                                 "--max-context", "256"], cwd=ROOT, env=env, stdout=out, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"server did not come up:\n{(logs / 'stderr').read_text()}")
-            time.sleep(0.3)
+    with serve_subprocess(["--max-batch", "2", "--max-context", "256"], logs) as url:
         yield url, logs / "stderr"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _send(client: httpx.Client, route: str, body) -> httpx.Response:
