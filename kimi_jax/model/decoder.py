@@ -51,6 +51,7 @@ class Transformer(nn.Module):
     backend: Backend = REFERENCE  # how products run: kimi_jax.kernels.choose picks one per platform
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype
     layout: Layout = UNSHARDED  # device placement hooks (sharding.MeshLayout on a mesh)
+    unroll: bool = False  # inline the layers instead of a loop (the planner's cost accounting)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
@@ -69,7 +70,8 @@ class Transformer(nn.Module):
             # Layers scan: compile time does not grow with depth. Params and cache carry a layer axis,
             # and so do values sown into "intermediates" (the trainer's per-layer attention statistics).
             stack = nn.scan(DecoderLayer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast), out_axes=0, length=count(cfg))
+                            in_axes=(0, nn.broadcast), out_axes=0, length=count(cfg),
+                            unroll=count(cfg) if self.unroll else 1)
             layer_cache = None if cache is None else cache[group]
             layer = stack(cfg, moe, self.absorb, self.backend, self.dtype, self.layout, name=group)
             x, group_cache = layer(x, layer_cache, positions)
