@@ -173,7 +173,7 @@ def model_specs(cfg: Config) -> dict[str, Any]:
     specs["final_norm"] = _norm(cfg.hidden_size, "embed", p + "model.norm")
     if cfg.int4 is not None and cfg.int4.quantizes(p + "lm_head"):
         raise ConfigError(f"quantization_config makes '{p}lm_head' INT4; kimi_jax keeps lm_head unquantized "
-                          "(every Kimi INT4 release lists it in 'ignore'): add \"lm_head\" to the ignore list")
+                          "(every Kimi INT4 release lists it in 'ignore'): add \"re:.*lm_head.*\" to the ignore list")
     specs["lm_head"] = ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), p + "lm_head.weight")
     return specs
 
