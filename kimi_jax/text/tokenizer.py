@@ -136,12 +136,10 @@ class Tokenizer(abc.ABC):
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> list[int]:
-        """Token ids of the conversation as `self.chat_template` renders it (`kwargs`: further
-        template variables).
+        """Token ids of the conversation as `self.chat_template` renders it (`kwargs`: template variables).
 
-        Special-token names become ids only where the template put them: one typed inside a
-        message stays text. For messages without such names this equals
-        `encode_with_special(self.chat_template.render(...))`.
+        Special-token names become ids only where the template put them: one typed inside a message
+        stays text. Without such names this is `encode_with_special(self.chat_template.render(...))`.
         """
         segments = self.chat_template.segments(messages, tools, add_generation_prompt, self.special_ids, **kwargs)
         return self._encode_segments(segments)
