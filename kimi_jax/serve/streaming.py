@@ -45,9 +45,9 @@ class Prepared:
     stops: list[str]
     stream: bool
     use_tools: bool = False  # parse Kimi's tool-call section out of the reply
-    reasoning: bool = False  # a thinking model's reasoning comes apart from the reply (ReasoningDelta)
     include_usage: bool = False  # OpenAI stream_options.include_usage
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # route-specific (ids, …)
+    reasoning: bool = False  # a thinking model's reasoning comes apart from the reply (ReasoningDelta)
 
 
 Prepare = Callable[[dict[str, Any], Server], Prepared]
