@@ -1,14 +1,18 @@
 """One frozen config for the Kimi-K2 / DeepSeek-V3 architecture, read from Hugging Face `config.json`.
 
 The real Kimi-K2 `config.json` loads unchanged (`model_type: kimi_k2`); DeepSeek-V3 style files
-(grouped routing, several dense layers) load too. A value the engine does not implement is a
-`ConfigError` that names the field, never a silent approximation.
+(grouped routing, several dense layers) load too, and so do the newer releases: Kimi-K2-Thinking
+(routed experts in compressed-tensors INT4, `Int4Quant`) and the text model of Kimi-K2.5/K2.6
+(`model_type: kimi_k25`, the DeepSeek-V3 values under `text_config`, weights under
+`language_model.`). A value the engine does not implement is a `ConfigError` that names the
+field, never a silent approximation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,41 @@ class YarnRope:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Quant:
+    """compressed-tensors `pack-quantized` W4A16 (Kimi-K2-Thinking, K2.5, K2.6): which linear weights
+    are INT4 and their group size.
+
+    Every `nn.Linear` is INT4 unless an `ignore` entry matches its module name, as compressed-tensors
+    matches: `re:PATTERN` is `re.match` against the name, any other entry the exact name (or `Linear`,
+    the class, which ignores them all). Kimi-K2-Thinking ignores lm_head, attention, the shared
+    experts and the dense MLP, so only the routed experts are INT4.
+    """
+
+    group_size: int = 32
+    ignore: tuple[str, ...] = ()
+
+    def quantizes(self, module: str) -> bool:
+        """Whether the linear layer named `module` (e.g. `model.layers.1.mlp.experts.0.gate_proj`) is INT4."""
+        return not any(_matches(module, entry) for entry in self.ignore)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `quantization_config` block of config.json (as the Thinking release writes it)."""
+        weights = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": self.group_size,
+                   "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                   "symmetric": True, "type": "int"}
+        return {"config_groups": {"group_0": {"input_activations": None, "output_activations": None,
+                                              "targets": ["Linear"], "weights": weights}},
+                "format": "pack-quantized", "ignore": list(self.ignore), "kv_cache_scheme": None,
+                "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+
+
+def _matches(module: str, entry: str) -> bool:
+    if entry.startswith("re:"):
+        return re.match(entry[3:], module) is not None
+    return entry in (module, "Linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +100,10 @@ class Config:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     name: str = "custom"
+    # compressed-tensors INT4 (then weight_block_size is None: such checkpoints hold no fp8).
+    int4: Int4Quant | None = None
+    # Prefix of every text-model tensor name: "language_model." in the K2.5/K2.6 layout.
+    weights_prefix: str = ""
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -88,6 +131,9 @@ class Config:
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
             raise ConfigError("config field 'n_group' leaves fewer than 2 experts per group; "
                               "group scores sum each group's top-2")
+        if self.int4 is not None and self.weight_block_size is not None:
+            raise ConfigError("a config cannot be both block-fp8 (weight_block_size) and INT4 (int4): "
+                              "a checkpoint has one quantization_config")
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -112,9 +158,10 @@ class Config:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json dictionary that `from_hf_dict` reads back to this config."""
+        """A config.json dictionary that `from_hf_dict` reads back to this config (the K2.5 wrapper,
+        `text_config` inside, when the weights carry the `language_model.` prefix)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("rope_scaling", "weight_block_size", "name")}
+             if f.name not in ("rope_scaling", "weight_block_size", "name", "int4", "weights_prefix")}
         d.update(architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", hidden_act="silu",
                  num_key_value_heads=self.num_attention_heads, attention_bias=False,
                  moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc",
@@ -124,6 +171,17 @@ class Config:
         if self.weight_block_size is not None:
             d["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
                                         "quant_method": "fp8", "weight_block_size": list(self.weight_block_size)}
+        if self.int4 is not None:
+            d["quantization_config"] = self.int4.to_hf_dict()
+        if self.weights_prefix == K25_PREFIX:
+            quant = d.pop("quantization_config", None)
+            d = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+                 "text_config": {**d, "model_type": "deepseek_v3"}, "vision_config": {}}
+            if quant is not None:
+                d["quantization_config"] = quant  # where the K2.5/K2.6 releases (and vLLM) put it
+        elif self.weights_prefix:
+            raise ConfigError(f"weights_prefix {self.weights_prefix!r} has no config.json form; "
+                              f"the engine knows {K25_PREFIX!r} (Kimi-K2.5/K2.6)")
         return d
 
     @classmethod
@@ -146,6 +204,8 @@ class Config:
         return cls.from_hf_dict(d, name=path.parent.name or "custom")
 
 
+K25_PREFIX = "language_model."  # Kimi-K2.5/K2.6 text-model weights: language_model.model.layers...
+
 # Values the engine implements exactly one way; anything else is refused by name.
 _REQUIRED = {
     "hidden_act": "silu",
@@ -160,6 +220,14 @@ _REQUIRED = {
 def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    outer, prefix = d, ""
+    if d.get("model_type") == "kimi_k25" or "text_config" in d:
+        # Kimi-K2.5/K2.6: a vision-language wrapper; its text model is a DeepseekV3 under text_config.
+        d = d.get("text_config")
+        if not isinstance(d, dict):
+            raise ConfigError("config field 'text_config' must hold the text model's DeepseekV3 values "
+                              "(a Kimi-K2.5/K2.6 config.json has one)")
+        prefix = K25_PREFIX
     model_type = d.get("model_type")
     if model_type not in ("kimi_k2", "deepseek_v3", None):
         raise ConfigError(f"config field 'model_type'={model_type!r} is not supported: "
@@ -199,8 +267,19 @@ def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
         rope_scaling=_parse_rope(d.get("rope_scaling") or d.get("rope_parameters")),
-        weight_block_size=_parse_quant(d.get("quantization_config")),
+        weights_prefix=prefix,
     )
+    for key in ("bos_token_id", "eos_token_id"):
+        if out[key] is None and outer is not d:
+            out[key] = outer.get(key)
+    # vLLM reads quantization_config from the top level; some exports put it in text_config.
+    quant = outer.get("quantization_config") or d.get("quantization_config")
+    if quant is not None and not isinstance(quant, dict):
+        raise ConfigError(f"config field 'quantization_config' must be an object, got {quant!r}")
+    if quant is not None and quant.get("quant_method") == "compressed-tensors":
+        out.update(weight_block_size=None, int4=_parse_compressed_tensors(quant))
+    else:
+        out.update(weight_block_size=_parse_quant(quant))
     return out
 
 
@@ -230,11 +309,63 @@ def _parse_quant(q: dict[str, Any] | None) -> tuple[int, int] | None:
         return None
     if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
         raise ConfigError(f"config field 'quantization_config'={q} is not supported: the engine reads block-fp8 "
-                          "(quant_method 'fp8', fmt 'e4m3') or unquantized checkpoints")
+                          "(quant_method 'fp8', fmt 'e4m3'), compressed-tensors INT4 (pack-quantized) or "
+                          "unquantized checkpoints")
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise ConfigError(f"config field 'quantization_config.weight_block_size'={block!r} must be [rows, cols]")
     return tuple(block)
+
+
+# What the INT4 weights of a compressed-tensors group must be: Kimi-K2-Thinking's W4A16 scheme.
+_INT4_WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
+
+
+def _parse_compressed_tensors(q: dict[str, Any]) -> Int4Quant:
+    """compressed-tensors `pack-quantized` W4A16 -> Int4Quant; any other scheme is refused by field."""
+    at = "quantization_config"
+    if q.get("format") != "pack-quantized":
+        raise ConfigError(f"config field '{at}.format'={q.get('format')!r} is not supported: the engine reads "
+                          "compressed-tensors 'pack-quantized' (INT4 packed 8 per int32)")
+    if q.get("quantization_status", "compressed") != "compressed":
+        raise ConfigError(f"config field '{at}.quantization_status'={q.get('quantization_status')!r}: the "
+                          "weights must be stored compressed (weight_packed / weight_scale)")
+    if q.get("kv_cache_scheme") is not None:
+        raise ConfigError(f"config field '{at}.kv_cache_scheme' is not supported (the KV cache is bf16)")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ConfigError(f"config field '{at}.config_groups' must hold exactly one scheme, got "
+                          f"{list(groups) if isinstance(groups, dict) else groups!r}")
+    (name, group), = groups.items()
+    at = f"{at}.config_groups.{name}"
+    if "Linear" not in (group.get("targets") or []):
+        raise ConfigError(f"config field '{at}.targets'={group.get('targets')!r} is not supported: the engine "
+                          "reads schemes that target 'Linear' (with exceptions in 'ignore')")
+    for side in ("input_activations", "output_activations"):
+        if group.get(side) is not None:
+            raise ConfigError(f"config field '{at}.{side}' is not supported: the engine runs W4A16 "
+                              "(activations unquantized)")
+    weights = group.get("weights") or {}
+    for field, want in _INT4_WEIGHTS.items():
+        if weights.get(field) != want:
+            raise ConfigError(f"config field '{at}.weights.{field}'={weights.get(field)!r} is not supported "
+                              f"(the engine implements {want!r})")
+    if weights.get("actorder") is not None:
+        raise ConfigError(f"config field '{at}.weights.actorder'={weights['actorder']!r} is not supported "
+                          "(activation-ordered groups need g_idx tensors)")
+    size = weights.get("group_size")
+    if not isinstance(size, int) or size <= 0 or size % 8:
+        raise ConfigError(f"config field '{at}.weights.group_size'={size!r} must be a positive multiple of 8")
+    ignore = q.get("ignore") or []
+    if not all(isinstance(e, str) for e in ignore):
+        raise ConfigError(f"config field 'quantization_config.ignore' must be a list of strings, got {ignore!r}")
+    for entry in ignore:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise ConfigError(f"config field 'quantization_config.ignore' entry {entry!r}: {e}") from None
+    return Int4Quant(group_size=size, ignore=tuple(ignore))
 
 
 # Presets --------------------------------------------------------------------------------------
@@ -257,6 +388,21 @@ DEEPSEEK_V3 = dataclasses.replace(
     max_position_embeddings=163840, bos_token_id=0, eos_token_id=1, name="deepseek-v3",
 )
 
+# Kimi-K2-Instruct-0905: the same weights' shapes, 256K context (its config.json: YaRN factor 64).
+KIMI_K2_0905 = dataclasses.replace(
+    KIMI_K2, max_position_embeddings=262144, name="kimi-k2-0905",
+    rope_scaling=dataclasses.replace(KIMI_K2.rope_scaling, factor=64.0),
+)
+
+# Kimi-K2-Thinking: Kimi-K2's architecture at 256K with INT4 routed experts. Its config.json is not in
+# a stored source; the quantization_config is the release's (../shared/reference/kimi-k2-thinking),
+# the context its model card's, the rope 0905's. Load a real checkpoint from its own config.json.
+THINKING_IGNORE = ("lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*")
+KIMI_K2_THINKING = dataclasses.replace(
+    KIMI_K2_0905, weight_block_size=None, int4=Int4Quant(group_size=32, ignore=THINKING_IGNORE),
+    name="kimi-k2-thinking",
+)
+
 # Tiny test configs keep the real structure with awkward sizes: dims that are not multiples of the
 # 128 block (ragged scale edges), and a latent narrower than a block.
 TINY_KIMI = dataclasses.replace(
@@ -276,7 +422,15 @@ TINY_DEEPSEEK = dataclasses.replace(
     max_position_embeddings=2048, bos_token_id=None, eos_token_id=None, name="tiny-deepseek",
 )
 
-PRESETS: dict[str, Config] = {c.name: c for c in (KIMI_K2, DEEPSEEK_V3, TINY_KIMI, TINY_DEEPSEEK)}
+# INT4 needs input dims that are whole words (8 values) and, for compressed-tensors, whole groups of 32;
+# the expert dim (96 = 3 groups, 12 words) splits over tensor=2 and 4 into shards that are not whole groups.
+TINY_KIMI_INT4 = dataclasses.replace(
+    TINY_KIMI, hidden_size=160, moe_intermediate_size=96, weight_block_size=None,
+    int4=Int4Quant(group_size=32, ignore=THINKING_IGNORE), name="tiny-kimi-int4",
+)
+
+PRESETS: dict[str, Config] = {c.name: c for c in (KIMI_K2, KIMI_K2_0905, KIMI_K2_THINKING, DEEPSEEK_V3, TINY_KIMI,
+                                                  TINY_KIMI_INT4, TINY_DEEPSEEK)}
 
 
 def get_config(name_or_path: str | Path) -> Config:

@@ -51,17 +51,18 @@ def local_blocks(q: QArray, values_spec: P, scales_spec: P, block: tuple[int, in
 
     Where the values are split on a block dimension but the scales are replicated (shards are not
     whole blocks), each local row takes its block's scale: the scales become per-row on that
-    dimension (block 1), which `dequantize` reads like any other block size.
+    dimension (block 1), which `dequantize` reads like any other block size. Rows and columns are
+    the weight's logical ones (`q.shape`: an INT4 shard of w words holds 8·w columns).
     """
     scales = q.scales
     ndim = q.values.ndim
     for d, b in zip((ndim - 2, ndim - 1), block):
         v_axes, s_axes = _entry(values_spec, d), _entry(scales_spec, d)
         if v_axes and not s_axes:
-            n = q.values.shape[d]  # local rows (or columns)
+            n = q.shape[d]  # local rows (or columns)
             first = jax.lax.axis_index(v_axes) * n
             scales = jnp.take(scales, (first + jnp.arange(n)) // b, axis=d)
-    return QArray(q.values, scales)
+    return q.replace(scales=scales)
 
 
 def _entry(spec: P, d: int) -> tuple[str, ...]:
@@ -173,7 +174,7 @@ def moe_specs_axes() -> dict[str, tuple[str, ...]]:
 
 def _weight_spec(w, values_spec: P, mesh: Mesh):
     if isinstance(w, QArray):
-        return QArray(values_spec, scale_spec(values_spec, w.shape, w.block, mesh))
+        return QArray(values_spec, scale_spec(values_spec, w.shape, w.block, mesh), w.kind)
     return values_spec
 
 

@@ -12,6 +12,12 @@ block); otherwise the scales stay replicated on that dimension (they are ~1/1600
 and the code that dequantizes a local shard picks its own blocks (`sharding.layout.local_blocks`;
 GSPMD does the same on its own outside shard_map). Kimi-K2's head- and expert-split dimensions
 are whole blocks up to tensor=16; the tiny test configs exercise the replicated case.
+
+INT4 weights (compressed-tensors, Kimi-K2-Thinking's routed experts): `values` are int32 words
+[..., out, in/8] and `scales` bf16 [..., out, in/32], both named by the weight's logical axes. The
+out dim splits as any other; the in dim (for the experts' down_proj, `expert_mlp` along `tensor`)
+splits whole words (in/8 must divide), and its scales follow where each shard holds whole groups of
+32, else stay replicated (the same rule as fp8 blocks, with blocks of (1, 32)).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from kimi_jax.config import Config
 from kimi_jax.model.decoder import init_cache
-from kimi_jax.model.quant import QArray
+from kimi_jax.model.quant import INT4, INT4_PER_WORD, QArray
 from kimi_jax.model.weights import Leaf, abstract_leaf, build_tree, leaves
 from sharding.mesh import MeshError, MeshSpec, abstract_mesh
 
@@ -157,6 +163,10 @@ def leaf_spec(leaf: Leaf, cfg: Config, mesh, rules: Rules) -> P:
         count, unit = _count(cfg, logical, size)
         if entry is not None and count % _split_size(mesh, entry):
             check_divisible(leaf.name, logical, size, count, unit, mesh, entry, valid_sizes(cfg, rules, entry))
+    if leaf.spec.quantized and leaf.spec.kind == INT4 and spec[-1] is not None:
+        words = leaf.shape[-1] // INT4_PER_WORD  # the packed input dim splits whole int32 words
+        check_divisible(leaf.name, f"{leaf.axes[-1]}, packed {INT4_PER_WORD} INT4 values per int32 word", words,
+                        words, "words", mesh, spec[-1])
     return spec
 
 
@@ -171,12 +181,13 @@ def scale_spec(values_spec: P, shape: tuple[int, ...], block: tuple[int, int], m
 
 
 def leaf_sharding(leaf: Leaf, cfg: Config, mesh: Mesh, rules: Rules) -> NamedSharding | QArray:
-    """NamedSharding of a weight; a QArray of two (values, scales) for a block-fp8 weight."""
+    """NamedSharding of a weight; a QArray of two (values, scales) for a quantized weight, of its kind."""
     spec = leaf_spec(leaf, cfg, mesh, rules)
     if not leaf.spec.quantized:
         return NamedSharding(mesh, spec)
-    return QArray(NamedSharding(mesh, spec),
-                  NamedSharding(mesh, scale_spec(spec, leaf.shape, cfg.weight_block_size, mesh)))
+    block = (1, cfg.int4.group_size) if leaf.spec.kind == INT4 else cfg.weight_block_size
+    return QArray(NamedSharding(mesh, spec), NamedSharding(mesh, scale_spec(spec, leaf.shape, block, mesh)),
+                  leaf.spec.kind)
 
 
 def param_shardings(cfg: Config, mesh: Mesh, rules: Rules) -> dict[str, Any]:

@@ -41,6 +41,23 @@ def hub_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def int4_checkpoint(tmp_path_factory):
+    """Factory: a small checkpoint in the Kimi-K2-Thinking INT4 layout (compressed-tensors packing; with the
+    K2.5 prefix when the config has one) and its params. Cached per (config, seed) for the session."""
+    from int4_util import write_int4_checkpoint
+
+    cache = {}
+
+    def make(cfg, seed: int = 0):
+        key = (cfg, seed)
+        if key not in cache:
+            cache[key] = write_int4_checkpoint(cfg, tmp_path_factory.mktemp(f"{cfg.name}-{seed}"), seed)
+        return cache[key]
+
+    return make
+
+
 TIERS = ("unit", "parity", "sharded", "generation", "serve")
 
 

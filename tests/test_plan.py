@@ -78,3 +78,19 @@ def test_cli_errors_name_the_problem(capsys):
     assert "does not split over mesh axis 'tensor' of size 3" in err and "1, 2, 4, 8, 16, 32, 64" in err
     assert main(["--config", "kimi-k2", "--mesh", "experts=4", "--batch", "1", "--context", "8"]) == 2
     assert "unknown mesh axis ['experts']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_0905_config_plans_a_256k_context(tmp_path):
+    """The CLI on Kimi-K2-Instruct-0905's config (the release's config.json with its 256K values) at 262144 tokens."""
+    d = json.loads(reference_file("config.json", "kimi_k2_config.json").read_text())
+    d["max_position_embeddings"] = 262144
+    d["rope_scaling"] = {**d["rope_scaling"], "factor": 64.0}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-m", "kimi_jax.plan", "--config", str(tmp_path), "--mesh",
+                          "data=1,expert=4,tensor=2", "--batch", "1", "--context", "262144", "--json"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["context"] == 262144 and result["per_device_bytes"]["kv_cache"] == 61 * 262144 * 576 * 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ from kimi_jax.runtime.default_model import default_checkpoint
 from kimi_jax.runtime.scheduler import Metrics
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import Server
+from kimi_jax.text.chat_template import ChatTemplate
 from kimi_jax.text.detokenize import Detokenizer, Piece
 from kimi_jax.text.tokenizer import load_tokenizer
 
@@ -88,7 +90,8 @@ class FakeScheduler:
 
 
 def _client(tok, text="It is sunny in Beijing today.", fail=False):
-    scheduler = FakeScheduler(tok.encode(text) + [tok.im_end_id], tok.stop_ids, fail)
+    # What a model writes: special tokens (a tool-call section's markers) as their ids.
+    scheduler = FakeScheduler(tok.encode_with_special(text) + [tok.im_end_id], tok.stop_ids, fail)
     model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=tok.vocab_size))
     server = Server(model, scheduler, MODEL)
     return TestClient(create_app(server), raise_server_exceptions=False), server
@@ -150,3 +153,108 @@ def test_fastapi_validation_errors_take_the_api_style(tok):
 
     r = client.get("/v1/messages/probe", params={"n": "x"})
     assert r.status_code == 400 and r.json()["type"] == "error" and r.json()["error"]["message"].startswith("query.n:")
+
+
+# A thinking model's reasoning -------------------------------------------------------------------
+THINKING_TEMPLATE = Path(__file__).resolve().parent / "data" / "chat_template_thinking.jinja"
+REASONED = "<think>The user wants the weather.</think>It is sunny."
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
+        '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
+
+
+@pytest.fixture
+def thinking_tok(tok):
+    """The embedded model's tokenizer with Kimi-K2-Thinking's chat template (so the server parses reasoning)."""
+    saved = tok.chat_template
+    tok.chat_template = ChatTemplate(THINKING_TEMPLATE.read_text(encoding="utf-8"), "thinking")
+    yield tok
+    tok.chat_template = saved
+
+
+def _sse(lines) -> list[dict]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def test_reasoning_is_reasoning_content_never_content(thinking_tok):
+    client, _ = _client(thinking_tok, REASONED)
+    message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "It is sunny.",
+                       "reasoning_content": "The user wants the weather."}
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        deltas = [e["choices"][0]["delta"] for e in _sse(r.iter_lines()) if e["choices"]]
+    # Three tokens per delivery: "</think>" arrives split over several deltas, and nothing of it leaks.
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants the weather."
+    assert "".join(d.get("content", "") for d in deltas) == "It is sunny."
+    assert sum("reasoning_content" in d for d in deltas) > 1  # streamed as deltas, not at the end
+
+
+def test_tool_calls_after_the_reasoning(thinking_tok):
+    for text in ("<think>I need the tool.</think>" + CALL, "<think>I need the tool." + CALL):
+        client, _ = _client(thinking_tok, text)
+        body = {**CHAT, "tools": TOOLS}
+        choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert choice["message"]["reasoning_content"] == "I need the tool."
+        assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                                  "arguments": '{"city": "Paris"}'}
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            deltas = [e["choices"][0]["delta"] for e in _sse(r.iter_lines()) if e["choices"]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "I need the tool."
+        assert [d["tool_calls"][0]["function"].get("name") for d in deltas if "tool_calls" in d][0] == "get_weather"
+
+
+def test_thinking_off_and_non_thinking_templates_leave_the_text_alone(tok, thinking_tok):
+    client, _ = _client(thinking_tok, REASONED)
+    body = {**CHAT, "chat_template_kwargs": {"thinking": False}}
+    assert client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"] == {
+        "role": "assistant", "content": REASONED}
+    r = client.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"thinking": "no"}})
+    assert r.status_code == 400 and "chat_template_kwargs.thinking: must be a boolean" in r.json()["error"]["message"]
+
+
+def test_non_thinking_template_has_no_reasoning(tok):
+    client, _ = _client(tok, REASONED)  # the 0905 template: Kimi-K2-Instruct writes no reasoning
+    assert client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"] == {
+        "role": "assistant", "content": REASONED}
+
+
+def test_anthropic_thinking_blocks(thinking_tok):
+    client, _ = _client(thinking_tok, REASONED)
+    r = client.post("/v1/messages", json=MESSAGES).json()
+    assert r["content"] == [{"type": "thinking", "thinking": "The user wants the weather.", "signature": ""},
+                            {"type": "text", "text": "It is sunny."}]
+    with client.stream("POST", "/v1/messages", json={**MESSAGES, "stream": True}) as s:
+        events = _sse(s.iter_lines())
+    starts = [(e["index"], e["content_block"]["type"]) for e in events if e["type"] == "content_block_start"]
+    stops = [e["index"] for e in events if e["type"] == "content_block_stop"]
+    assert starts == [(0, "thinking"), (1, "text")] and stops == [0, 1]
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert "".join(d["thinking"] for d in deltas if d["type"] == "thinking_delta") == "The user wants the weather."
+    assert "".join(d["text"] for d in deltas if d["type"] == "text_delta") == "It is sunny."
+    off = client.post("/v1/messages", json={**MESSAGES, "thinking": {"type": "disabled"}}).json()
+    assert off["content"] == [{"type": "text", "text": REASONED}]
+
+
+def test_earlier_reasoning_is_given_back_to_the_template(thinking_tok):
+    """An assistant turn's reasoning (OpenAI reasoning_content, Anthropic thinking blocks) reaches the
+    Thinking template, which keeps it for the turns after the last plain answer."""
+    _, server = _client(thinking_tok)
+    turn = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "reasoning_content": "call it", "content": "",
+             "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+                             "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"}]
+    assert "<think>call it</think>" in thinking_tok.decode(server.chat_prompt(turn, TOOLS))
+    client, _ = _client(thinking_tok)
+    body = {**MESSAGES, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "call it", "signature": "x"},
+                                          {"type": "tool_use", "id": "functions.get_weather:0", "name": "get_weather",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "functions.get_weather:0",
+                                      "content": "sunny"}]}]}
+    assert client.post("/v1/messages", json=body).status_code == 200
+    bad = {**CHAT, "messages": [{"role": "assistant", "content": "x", "reasoning_content": 5}]}
+    r = client.post("/v1/chat/completions", json=bad)
+    assert r.status_code == 400 and "messages[0].reasoning_content: must be a string" in r.json()["error"]["message"]

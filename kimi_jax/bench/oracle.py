@@ -1,26 +1,30 @@
 """The oracle: Hugging Face transformers' DeepseekV3ForCausalLM with the same (dequantized) weights.
 
 Used by the parity tests and the benchmarks. transformers does not know `model_type: kimi_k2`, so
-the DeepseekV3Config is built from the engine's config values. torch is imported lazily: the engine
-itself never needs it.
+the DeepseekV3Config is built from the engine's config values. INT4 weights (compressed-tensors
+pack-quantized) are dequantized by compressed-tensors itself, in float32. torch and compressed-tensors
+are imported lazily: the engine itself never needs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
-from kimi_jax.checkpoint.hf import SCALE_SUFFIX, hf_tensors
+from kimi_jax.checkpoint.hf import INT4_SUFFIXES, SCALE_SUFFIX, SHAPE_SUFFIX, VISION_PREFIXES, hf_tensors
 from kimi_jax.config import Config
 from kimi_jax.model.quant import QArray, dequantize
+
+PACKED, INT4_SCALE = INT4_SUFFIXES["values"], INT4_SUFFIXES["scales"]
 
 
 def hf_config(cfg: Config):
     """A transformers DeepseekV3Config with the engine config's values."""
     from transformers import DeepseekV3Config
 
-    d = cfg.to_hf_dict()
+    d = dataclasses.replace(cfg, weights_prefix="").to_hf_dict()  # the text model's values, unwrapped
     d.pop("quantization_config", None)  # the oracle runs on dequantized weights
     d.pop("model_type", None)
     d.pop("architectures", None)
@@ -33,26 +37,57 @@ def hf_config(cfg: Config):
                             attn_implementation="eager")
 
 
+def int4_dequantized(tensors: dict[str, np.ndarray], name: str, cfg: Config) -> np.ndarray:
+    """`<name>_packed/_scale/_shape` -> the float32 weight, unpacked and scaled by compressed-tensors."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=cfg.int4.group_size)
+    shape = torch.Size(int(v) for v in tensors[name + SHAPE_SUFFIX])
+    q = unpack_from_int32(torch.from_numpy(np.asarray(tensors[name + PACKED])), 4, shape)
+    scale = torch.from_numpy(np.asarray(tensors[name + INT4_SCALE], np.float32))  # bf16 -> f32 is exact
+    return ct_dequantize(q, scale, args=args, dtype=torch.float32).numpy()
+
+
+def _weight(tensors: dict[str, np.ndarray], name: str, cfg: Config) -> np.ndarray:
+    """One weight in float32, dequantized from whichever layout the tensors hold it in."""
+    if name + PACKED in tensors:
+        return int4_dequantized(tensors, name, cfg)
+    w = tensors[name]
+    if name + SCALE_SUFFIX in tensors:
+        w = dequantize(QArray(w, tensors[name + SCALE_SUFFIX]), np.float32, cfg.weight_block_size)
+    return np.array(w, np.float32)  # a writable copy
+
+
 def hf_state_dict(params: dict[str, Any], cfg: Config, dtype=None) -> dict[str, Any]:
-    """The engine's params as a transformers state dict: fp8 weights dequantized, experts fused."""
+    """The engine's params as a transformers state dict: quantized weights dequantized, experts fused."""
+    return state_dict_from_tensors(dict(hf_tensors(params, cfg)), cfg, dtype)
+
+
+def state_dict_from_tensors(tensors: dict[str, np.ndarray], cfg: Config, dtype=None) -> dict[str, Any]:
+    """A checkpoint's tensors (release names, any layout kimi_jax reads) as a transformers state dict.
+
+    The `language_model.` prefix of K2.5/K2.6 is dropped, vision tensors and rotary buffers skipped.
+    """
     import torch
 
     dtype = dtype or torch.float32
-    tensors = dict(hf_tensors(params, cfg))
+    p = cfg.weights_prefix
+    tensors = {k.removeprefix(p): v for k, v in tensors.items()
+               if k.startswith(p) and not k.startswith(VISION_PREFIXES) and not k.endswith("inv_freq")}
+    cfg = dataclasses.replace(cfg, weights_prefix="")
+    suffixes = (SCALE_SUFFIX, PACKED, INT4_SCALE, SHAPE_SUFFIX)
+    names = {n.removesuffix(s) for n in tensors for s in suffixes if n.endswith(s)} | {
+        n for n in tensors if not n.endswith(suffixes)}
     out: dict[str, Any] = {}
-    for name, arr in tensors.items():
-        if name.endswith(SCALE_SUFFIX) or ".experts." in name:
-            continue
-        if name + SCALE_SUFFIX in tensors:
-            arr = dequantize(QArray(arr, tensors[name + SCALE_SUFFIX]), np.float32, cfg.weight_block_size)
-        out[name] = torch.from_numpy(np.array(arr, np.float32)).to(dtype)  # a writable copy
+    for name in sorted(names):
+        if ".experts." not in name:
+            out[name] = torch.from_numpy(_weight(tensors, name, cfg)).to(dtype)
     for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
         def expert(e: int, proj: str, layer: int = layer) -> np.ndarray:
-            name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
-            w = tensors[name]
-            if name + SCALE_SUFFIX in tensors:
-                w = dequantize(QArray(w, tensors[name + SCALE_SUFFIX]), np.float32, cfg.weight_block_size)
-            return np.asarray(w, np.float32)
+            return _weight(tensors, f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", cfg)
 
         experts = range(cfg.n_routed_experts)
         gate_up = np.stack([np.concatenate([expert(e, "gate_proj"), expert(e, "up_proj")]) for e in experts])
@@ -69,13 +104,18 @@ def hf_state_dict(params: dict[str, Any], cfg: Config, dtype=None) -> dict[str, 
 
 def hf_model(params: dict[str, Any], cfg: Config, dtype=None):
     """A DeepseekV3ForCausalLM (eval mode) holding exactly the engine's weight values."""
+    return hf_model_from_tensors(dict(hf_tensors(params, cfg)), cfg, dtype)
+
+
+def hf_model_from_tensors(tensors: dict[str, np.ndarray], cfg: Config, dtype=None):
+    """A DeepseekV3ForCausalLM (eval mode) from a checkpoint's tensors (`state_dict_from_tensors`)."""
     import torch
     from transformers import DeepseekV3ForCausalLM
 
     dtype = dtype or torch.float32
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(hf_config(cfg)).to(dtype).eval()
-    missing, unexpected = model.load_state_dict(hf_state_dict(params, cfg, dtype), strict=False)
+    missing, unexpected = model.load_state_dict(state_dict_from_tensors(tensors, cfg, dtype), strict=False)
     missing = [m for m in missing if not m.endswith("inv_freq")]
     if missing or unexpected:
         raise RuntimeError(f"transformers layout drifted: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -4,7 +4,8 @@ Streams weight group by weight group (one stacked weight of all its layers), and
 layer by layer: each layer is read from the memory-mapped safetensors, written into the group's
 orbax array and dropped, so peak host memory is about one layer of one group (plus the unstacked
 embedding), never the checkpoint. Block-fp8 weights stay float8_e4m3fn with their float32 scales
-(no dequantization); a bf16 checkpoint is kept as is, or quantized to block-fp8 on the way
+(no dequantization), INT4 weights stay packed int32 words with their bf16 scales; a bf16 checkpoint
+is kept as is, or quantized to block-fp8 on the way
 with `--quantize fp8` (one layer at a time). Every tensor's name, shape and dtype is checked
 against config.json before anything is written.
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kimi_jax.checkpoint.hf import FLOAT_SOURCES, SCALE_SUFFIX, HFReader, expected_names
+from kimi_jax.checkpoint.hf import HFReader
 from kimi_jax.checkpoint.orbax import (
     MARKER,
     expected_parts,
@@ -38,7 +39,7 @@ from kimi_jax.checkpoint.orbax import (
 from kimi_jax.checkpoint.safetensors import INDEX_FILENAME
 from kimi_jax.config import Config
 from kimi_jax.model.quant import quantize_block_fp8
-from kimi_jax.model.weights import Leaf, leaves, scale_shape
+from kimi_jax.model.weights import Leaf, leaves
 from sharding import check
 
 RELEASE_BLOCK = (128, 128)
@@ -78,6 +79,9 @@ def _clock(seconds: float) -> str:
 
 def target_config(source: Config, quantize: str) -> Config:
     """The converted model's config: the source's, or block-fp8 when quantizing an unquantized one."""
+    if quantize == "fp8" and source.int4 is not None:
+        raise ValueError("--quantize fp8: this checkpoint is INT4 (compressed-tensors); its experts stay INT4 "
+                         "and the engine holds one quantization per checkpoint: convert with --quantize keep")
     if quantize == "fp8" and not source.quantized:
         return dataclasses.replace(source, weight_block_size=RELEASE_BLOCK)
     if quantize not in ("keep", "fp8"):
@@ -87,14 +91,8 @@ def target_config(source: Config, quantize: str) -> Config:
 
 def verify(reader: HFReader, cfg: Config) -> None:
     """Check every tensor's shape and dtype in the headers (names are checked when the reader opens)."""
-    fp8 = (np.dtype("float8_e4m3fn"),)
     for leaf in leaves(cfg):
-        per_tensor = leaf.spec.shape[1:] if leaf.spec.per_expert else leaf.spec.shape
-        for _, name in expected_names(leaf):
-            reader._tensor(name, per_tensor, fp8 if leaf.spec.quantized else FLOAT_SOURCES)
-            if leaf.spec.quantized:
-                reader._tensor(name + SCALE_SUFFIX, scale_shape(per_tensor, cfg.weight_block_size),
-                               (np.dtype(np.float32),))
+        reader.check_shapes(leaf)
 
 
 def layer_reader(reader: HFReader, source: Leaf, target: Leaf,

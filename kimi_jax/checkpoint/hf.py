@@ -4,10 +4,19 @@ Reading never builds a full copy of the model on the host: each weight (a stacke
 and experts) is assembled from memory-mapped tensors, placed on its devices, then dropped. With a
 sharding, each device's slice is read on its own (`jax.make_array_from_callback`), so a process
 touches only the bytes its devices hold.
+
+Tensors of one linear weight `<m>.weight`, by how the config stores it:
+  * plain: `<m>.weight` (bf16, f16 or f32);
+  * block-fp8: `<m>.weight` (F8_E4M3) and `<m>.weight_scale_inv` (f32);
+  * INT4 (compressed-tensors pack-quantized): `<m>.weight_packed` (int32), `<m>.weight_scale` (bf16)
+    and `<m>.weight_shape` ([out, in], any integer dtype), checked against the config.
+Kimi-K2.5/K2.6 name the text model's tensors `language_model.…` (`Config.weights_prefix`); their
+vision tower and projector are skipped with a one-line notice.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,12 +33,31 @@ import numpy as np
 
 from kimi_jax.checkpoint.safetensors import ShardedCheckpointReader, save_file, write_index
 from kimi_jax.config import Config
-from kimi_jax.model.quant import QArray, to_storage
-from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
+from kimi_jax.model.quant import INT4, QArray, to_storage
+from kimi_jax.model.weights import Leaf, ParamSpec, build_tree, leaves, stored_parts
 
 SCALE_SUFFIX = "_scale_inv"  # `<name>.weight` -> `<name>.weight_scale_inv`
+INT4_SUFFIXES = {"values": "_packed", "scales": "_scale"}  # `<name>.weight` -> `<name>.weight_packed`, ...
+SHAPE_SUFFIX = "_shape"  # `<name>.weight_shape`: an INT4 weight's [out, in]
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)  # how the release stores its quantized weights
 FLOAT_SOURCES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
+VISION_PREFIXES = ("vision_tower.", "mm_projector.")  # Kimi-K2.5/K2.6's image side: not served
+
+
+def part_suffixes(spec: ParamSpec) -> dict[str, str]:
+    """Suffix of each stored part's tensor name after `<m>.weight` (see the module docstring)."""
+    if not spec.quantized:
+        return {"values": ""}
+    return dict(INT4_SUFFIXES) if spec.kind == INT4 else {"values": "", "scales": SCALE_SUFFIX}
+
+
+def source_dtypes(spec: ParamSpec, part: str) -> tuple[np.dtype, ...]:
+    """The dtypes a checkpoint may hold a part in."""
+    if not spec.quantized:
+        return FLOAT_SOURCES
+    if spec.kind == INT4:
+        return (np.dtype(np.int32),) if part == "values" else (np.dtype(ml_dtypes.bfloat16),)
+    return (FP8,) if part == "values" else (np.dtype(np.float32),)
 
 
 class CheckpointError(ValueError):
@@ -65,10 +93,9 @@ class HFReader:
         names = set(self.files.keys())
         expected = set()
         for leaf in leaves(self.cfg):
+            suffixes = list(part_suffixes(leaf.spec).values()) + ([SHAPE_SUFFIX] if leaf.spec.kind == INT4 else [])
             for _, name in expected_names(leaf):
-                expected.add(name)
-                if leaf.spec.quantized:
-                    expected.add(name + SCALE_SUFFIX)
+                expected.update(name + suffix for suffix in suffixes)
         missing = sorted(expected - names)
         if missing:
             raise CheckpointError(
@@ -76,9 +103,13 @@ class HFReader:
                 f"{missing[:3]}. Check that config.json belongs to these weights (layers, experts, "
                 f"quantization_config) and that model.safetensors.index.json lists every shard.")
         extra = names - expected
+        vision = sorted(n for n in extra if n.startswith(VISION_PREFIXES))
+        if vision:
+            warnings.warn(f"{self.directory}: skipping {len(vision)} vision tensor(s) ({', '.join(VISION_PREFIXES)}"
+                          "...): kimi_jax serves the text model", stacklevel=3)
         # The release may carry rotary inv_freq buffers and DeepSeek-V3's multi-token-prediction layer.
-        mtp = re.compile(r"model\.layers\.(\d+)\.")
-        unknown = sorted(n for n in extra if not n.endswith("rotary_emb.inv_freq")
+        mtp = re.compile(re.escape(self.cfg.weights_prefix) + r"model\.layers\.(\d+)\.")
+        unknown = sorted(n for n in extra - set(vision) if not n.endswith("rotary_emb.inv_freq")
                          and not ((m := mtp.match(n)) and int(m.group(1)) >= self.cfg.num_hidden_layers))
         if unknown:
             warnings.warn(f"{self.directory}: ignoring {len(unknown)} unexpected tensor(s), e.g. {unknown[:3]}",
@@ -94,20 +125,36 @@ class HFReader:
                                   f"expected {' or '.join(d.name for d in dtypes)}")
         return self.files.get(name)
 
+    def check_shapes(self, leaf: Leaf) -> None:
+        """Every tensor of a weight has the shape and dtype the config implies, and an INT4 weight's
+        `weight_shape` says [out, in] (read from the headers; only `weight_shape` values are read)."""
+        spec = leaf.spec
+        for part, (shape, _) in stored_parts(self.cfg, spec, leaf.shape).items():
+            per_tensor = shape[len(shape) - len(spec.shape) + spec.per_expert:]
+            for _, name in expected_names(leaf):
+                self._tensor(name + part_suffixes(spec)[part], per_tensor, source_dtypes(spec, part))
+        if spec.kind == INT4 and spec.quantized:
+            for _, name in expected_names(leaf):
+                self.check_int4_shape(name + SHAPE_SUFFIX, spec.shape[-2:])
+
+    def check_int4_shape(self, name: str, want: tuple[int, int]) -> None:
+        """`<m>.weight_shape` must hold [out, in] in an integer dtype (compressed-tensors writes int64)."""
+        info = self.files.info(name)
+        dtype = np.dtype(info.dtype)
+        if dtype.kind not in "iu" or tuple(info.shape) != (2,):
+            raise CheckpointError(f"{self.directory}: tensor '{name}' is {dtype.name}{list(info.shape)}; an INT4 "
+                                  "weight_shape is the weight's [out, in] as 2 integers")
+        got = [int(v) for v in np.asarray(self.files.get(name))]
+        if got != list(want):
+            raise CheckpointError(f"{self.directory}: tensor '{name}' says the weight is {got} but the config "
+                                  f"implies {list(want)}: config.json does not match these weights")
+
     def read(self, leaf: Leaf, part: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """The stacked `part` ("values" or "scales") of a weight, or its `index` slice, as a host array."""
         spec = leaf.spec
-        if part == "scales":
-            full = scale_shape(leaf.shape, self.cfg.weight_block_size)
-            per_tensor, suffix, dtypes, out_dtype = full[-2:], SCALE_SUFFIX, (np.dtype(np.float32),), np.float32
-        elif spec.quantized:
-            full = leaf.shape
-            per_tensor, suffix, dtypes = full[-2:], "", (np.dtype(ml_dtypes.float8_e4m3fn),)
-            out_dtype = ml_dtypes.float8_e4m3fn
-        else:
-            full = leaf.shape
-            per_tensor, suffix, dtypes = spec.shape[1:] if spec.per_expert else spec.shape, "", FLOAT_SOURCES
-            out_dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else np.float32
+        full, out_dtype = stored_parts(self.cfg, spec, leaf.shape)[part]
+        per_tensor = full[len(full) - len(spec.shape) + spec.per_expert:]  # one checkpoint tensor's shape
+        suffix, dtypes = part_suffixes(spec)[part], source_dtypes(spec, part)
         index = index or tuple(slice(None) for _ in full)
         n_stack = len(full) - len(per_tensor)  # leading dims assembled from separate tensors
         stack_ranges = [range(*index[d].indices(full[d])) for d in range(n_stack)]
@@ -146,13 +193,17 @@ def load_hf_params(directory: str | os.PathLike, cfg: Config, placer: Placer = d
     reader = HFReader(directory, cfg)
     try:
         def place(leaf: Leaf) -> Any:
-            def part(name: str, shape: tuple[int, ...]) -> jax.Array:
-                return placer(leaf, name, shape, lambda index: to_storage(reader.read(leaf, name, index), storage))
-
+            parts = {}
+            for name, (shape, _) in stored_parts(cfg, leaf.spec, leaf.shape).items():
+                read = functools.partial(lambda index, name: to_storage(reader.read(leaf, name, index), storage),
+                                         name=name)
+                parts[name] = placer(leaf, name, shape, read)
             if leaf.spec.quantized:
-                return QArray(part("values", leaf.shape),
-                              part("scales", scale_shape(leaf.shape, cfg.weight_block_size)))
-            return part("values", leaf.shape)
+                if leaf.spec.kind == INT4:  # the packed words' meaning rests on weight_shape: check it
+                    for _, tensor in expected_names(leaf):
+                        reader.check_int4_shape(tensor + SHAPE_SUFFIX, leaf.spec.shape[-2:])
+                return QArray(parts["values"], parts["scales"], leaf.spec.kind)
+            return parts["values"]
 
         return build_tree(cfg, place)
     finally:
@@ -167,7 +218,11 @@ def hf_tensors(params: dict[str, Any], cfg: Config):
         for k in leaf.path:
             node = node[k]
         for index, name in expected_names(leaf):
-            if isinstance(node, QArray):
+            if isinstance(node, QArray) and node.kind == INT4:
+                yield name + INT4_SUFFIXES["values"], np.asarray(node.values[index])
+                yield name + INT4_SUFFIXES["scales"], np.asarray(node.scales[index])
+                yield name + SHAPE_SUFFIX, np.asarray(leaf.spec.shape[-2:], np.int64)  # as compressed-tensors
+            elif isinstance(node, QArray):
                 yield name, np.asarray(node.values[index]).view(ml_dtypes.float8_e4m3fn)
                 yield name + SCALE_SUFFIX, np.asarray(node.scales[index])
             else:

@@ -9,8 +9,8 @@ Layout of a converted directory (written by `kimi_jax.convert`):
 
 Each weight group (the stacked expert gates of all MoE layers, the embedding, ...) is its own orbax
 item, so conversion writes one group at a time and host memory stays bounded by the largest
-group, never the checkpoint. fp8 values are stored as float8_e4m3fn, scales as float32: no
-dequantization, about the size of the safetensors.
+group, never the checkpoint. fp8 values are stored as float8_e4m3fn, scales as float32; INT4 weights
+as their packed int32 words and bf16 scales: no dequantization, about the size of the safetensors.
 
 A directory is complete only when `kimi_orbax.json` exists; conversion builds it under a
 temporary name and renames it into place, so an interrupted run never looks complete.
@@ -36,8 +36,8 @@ import numpy as np
 
 from kimi_jax.checkpoint.hf import CheckpointError
 from kimi_jax.config import Config
-from kimi_jax.model.quant import QArray
-from kimi_jax.model.weights import Leaf, build_tree, leaves, scale_shape
+from kimi_jax.model.quant import INT4, QArray
+from kimi_jax.model.weights import Leaf, build_tree, leaves, stored_parts
 
 MARKER = "kimi_orbax.json"
 FORMAT = "kimi_jax-orbax"
@@ -45,7 +45,7 @@ VERSION = 1
 WEIGHTS = "weights"
 CHUNK_BYTES = 32 * 1024 * 1024  # tensorstore chunk cap: the unit a process reads on restore
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-ZARR_DTYPES = {"float32": "<f4"}  # zarr v2 type strings; bfloat16 and float8_e4m3fn go by name
+ZARR_DTYPES = {"float32": "<f4", "int32": "<i4"}  # zarr v2 type strings; bfloat16 and float8_e4m3fn go by name
 
 
 def _orbax():
@@ -59,11 +59,8 @@ def item_dir(root: str | os.PathLike, leaf: Leaf) -> Path:
 
 
 def expected_parts(cfg: Config, leaf: Leaf) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{"values": (shape, dtype)[, "scales": ...]} of a weight group as stored on disk."""
-    if leaf.spec.quantized:
-        return {"values": (leaf.shape, FP8),
-                "scales": (scale_shape(leaf.shape, cfg.weight_block_size), np.dtype(np.float32))}
-    return {"values": (leaf.shape, np.dtype(leaf.spec.dtype))}
+    """{"values": (shape, dtype)[, "scales": ...]} of a weight group as stored on disk (fp8 as float8_e4m3fn)."""
+    return stored_parts(cfg, leaf.spec, leaf.shape, FP8)
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -163,8 +160,8 @@ def check_checkpoint(path: str | os.PathLike, cfg: Config) -> None:
             for part, (shape, dtype) in expected_parts(cfg, leaf).items():
                 got = meta.get(part)
                 if got is None:
-                    raise CheckpointError(f"{path}: weight group '{leaf.name}' has no '{part}' (config says "
-                                          f"{'block-fp8' if leaf.spec.quantized else 'unquantized'})")
+                    kind = ("INT4" if leaf.spec.kind == INT4 else "block-fp8") if leaf.spec.quantized else "unquantized"
+                    raise CheckpointError(f"{path}: weight group '{leaf.name}' has no '{part}' (config says {kind})")
                 if tuple(got.shape) != tuple(shape) or np.dtype(got.dtype) != dtype:
                     raise CheckpointError(f"{path}: '{leaf.name}/{part}' is {np.dtype(got.dtype).name}"
                                           f"{list(got.shape)} but the config implies {dtype.name}{list(shape)}: "
@@ -207,6 +204,8 @@ def load_orbax_params(path: str | os.PathLike, cfg: Config,
         with ocp.PyTreeCheckpointer() as ckpt:
             out = ckpt.restore(item_dir(path, leaf), args=ocp.args.PyTreeRestore(restore_args=args))
         release_host_memory()
+        if leaf.spec.quantized and leaf.spec.kind == INT4:  # int32 words are held as they are stored
+            return QArray(out["values"], out["scales"], INT4)
         if leaf.spec.quantized:
             return QArray(to_storage(out["values"]), out["scales"])
         return out["values"]

@@ -68,8 +68,8 @@ def streamed_linear(x: jax.Array, w: QArray | jax.Array, dtype=None,
         # The barrier ties the weight to the iteration: XLA cannot hoist the conversion out of the loop.
         values, scales = jax.lax.optimization_barrier((_values(w), _scales(w), i))[:2]
         part = jax.lax.dynamic_slice_in_dim(values, i * rows, rows, 0)
-        if scales is not None:
-            part = QArray(part, jax.lax.dynamic_slice_in_dim(scales, i * per_slice, per_slice, 0))
+        if scales is not None:  # `replace` keeps the weight's kind (fp8 or INT4)
+            part = w.replace(values=part, scales=jax.lax.dynamic_slice_in_dim(scales, i * per_slice, per_slice, 0))
         return out.at[i].set(jnp.einsum("...i,oi->...o", x32, dequantize(part, jnp.float32)))
 
     out = jax.lax.fori_loop(0, count, body, jnp.zeros((count, *x.shape[:-1], rows), jnp.float32))

@@ -7,20 +7,27 @@ writing, and (in `sharding/`) each weight's placement on a mesh.
 
 Weights keep the checkpoint's [out, in] orientation so fp8 scale blocks need no transposition.
 Stacked groups (the dense prefix, the MoE layers) carry a leading `layers` axis.
+
+Which linear weights are quantized, and how, follows the checkpoint's quantization_config: all of
+them block-fp8 (`weight_block_size`), or INT4 where compressed-tensors' `ignore` list leaves them
+(`Config.int4`: for Kimi-K2-Thinking the routed experts only). A spec says so with `quantized` and
+`kind`; `stored_parts` gives the arrays that hold it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kimi_jax.config import Config
-from kimi_jax.model.quant import FP8, QArray, quantize_block_fp8
+from kimi_jax.config import Config, ConfigError
+from kimi_jax.model.quant import FP8, FP8_KIND, INT4, INT4_PER_WORD, QArray, quantize_block_fp8, quantize_int4
 
 BF16 = "bfloat16"
 F32 = "float32"
@@ -31,7 +38,8 @@ class ParamSpec:
     """One weight: its per-layer shape and logical axes, storage dtype, and Hugging Face name.
 
     `hf` is a template with `{layer}` and, for routed experts, `{expert}`; for a per-expert weight the
-    leading `experts` axis is assembled from one checkpoint tensor per expert.
+    leading `experts` axis is assembled from one checkpoint tensor per expert. A `quantized` weight is
+    a QArray of `kind` "fp8" (block-fp8) or "int4" (compressed-tensors pack-quantized).
     """
 
     shape: tuple[int, ...]
@@ -40,6 +48,7 @@ class ParamSpec:
     dtype: str = BF16
     quantized: bool = False
     init: str = "normal"  # "normal" (std 0.02), "ones" or "zeros"
+    kind: str = FP8_KIND  # how a quantized weight is stored (quant.QArray kinds)
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -49,9 +58,36 @@ class ParamSpec:
         return "{expert}" in self.hf
 
 
-def _linear(cfg: Config, out: int, inp: int, axes: tuple[str, str], hf: str) -> ParamSpec:
-    """A linear layer weight [out, in], block-fp8 when the checkpoint is quantized."""
-    return ParamSpec((out, inp), axes, hf + ".weight", quantized=cfg.quantized)
+def _linear(cfg: Config, out: int, inp: int, axes: tuple[str, str], hf: str,
+            layers: tuple[int, int] | None = None, experts: int = 0) -> ParamSpec:
+    """A linear layer weight [out, in]: block-fp8 when the checkpoint is, INT4 where its compressed-tensors
+    config says so for every module the name covers (`layers`, default all; `experts` per-expert copies)."""
+    shape = (out, inp) if not experts else (experts, out, inp)
+    if cfg.int4 is None:
+        return ParamSpec(shape, axes, hf + ".weight", quantized=cfg.quantized)
+    int4 = _is_int4(cfg, hf, layers or (0, cfg.num_hidden_layers), experts)
+    if int4 and inp % INT4_PER_WORD:
+        raise ConfigError(f"{hf}: INT4 packs {INT4_PER_WORD} input values per int32 word, and its input dim "
+                          f"{inp} is not a multiple of {INT4_PER_WORD}; the engine cannot hold it packed")
+    return ParamSpec(shape, axes, hf + ".weight", quantized=int4, kind=INT4 if int4 else FP8_KIND)
+
+
+@functools.lru_cache(maxsize=128)
+def _is_int4(cfg: Config, module: str, layers: tuple[int, int], experts: int) -> bool:
+    """Whether the modules named by the template `module` are INT4 under `cfg.int4`'s ignore list.
+
+    Every concrete name is asked (all its layers and experts): one stacked weight has one format, so a
+    list that quantizes some of them and not others is refused, naming two that disagree.
+    """
+    names = [module.format(layer=layer, expert=expert) for layer in range(*layers)
+             for expert in (range(experts) if experts else (None,))]
+    verdicts = {name: cfg.int4.quantizes(name) for name in names}
+    if len(set(verdicts.values())) > 1:
+        yes = next(n for n, v in verdicts.items() if v)
+        no = next(n for n, v in verdicts.items() if not v)
+        raise ConfigError(f"quantization_config.ignore makes '{yes}' INT4 but not '{no}': kimi_jax stacks "
+                          "these weights, which need one format; the engine cannot load this checkpoint")
+    return bool(names) and verdicts[names[0]]
 
 
 def _norm(dim: int, axis: str, hf: str) -> ParamSpec:
@@ -60,7 +96,7 @@ def _norm(dim: int, axis: str, hf: str) -> ParamSpec:
 
 def attention_specs(cfg: Config) -> dict[str, ParamSpec]:
     """MLA projections of one layer (see attention.py for the equations)."""
-    a = "model.layers.{layer}.self_attn."
+    a = cfg.weights_prefix + "model.layers.{layer}.self_attn."
     h = cfg.num_attention_heads
     return {
         "q_a_proj": _linear(cfg, cfg.q_lora_rank, cfg.hidden_size, ("q_lora", "embed"), a + "q_a_proj"),
@@ -75,44 +111,47 @@ def attention_specs(cfg: Config) -> dict[str, ParamSpec]:
     }
 
 
-def mlp_specs(cfg: Config, inter: int, hf: str) -> dict[str, ParamSpec]:
+def mlp_specs(cfg: Config, inter: int, hf: str, layers: tuple[int, int] | None = None) -> dict[str, ParamSpec]:
     """SwiGLU MLP: the dense layers' MLP and the shared expert."""
     return {
-        "gate": _linear(cfg, inter, cfg.hidden_size, ("mlp", "embed"), hf + "gate_proj"),
-        "up": _linear(cfg, inter, cfg.hidden_size, ("mlp", "embed"), hf + "up_proj"),
-        "down": _linear(cfg, cfg.hidden_size, inter, ("embed", "mlp"), hf + "down_proj"),
+        "gate": _linear(cfg, inter, cfg.hidden_size, ("mlp", "embed"), hf + "gate_proj", layers),
+        "up": _linear(cfg, inter, cfg.hidden_size, ("mlp", "embed"), hf + "up_proj", layers),
+        "down": _linear(cfg, cfg.hidden_size, inter, ("embed", "mlp"), hf + "down_proj", layers),
     }
+
+
+def _moe_layers(cfg: Config) -> tuple[int, int]:
+    return cfg.num_dense_layers, cfg.num_hidden_layers
 
 
 def moe_specs(cfg: Config) -> dict[str, ParamSpec]:
     """Router (fp32 bias, bf16 weight, never quantized), routed experts stacked on `experts`, shared expert."""
-    m = "model.layers.{layer}.mlp."
+    m = cfg.weights_prefix + "model.layers.{layer}.mlp."
     e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    q = cfg.quantized
+    up = ("experts", "expert_mlp", "embed")
     specs = {
         "router": ParamSpec((e, d), ("router_experts", "embed"), m + "gate.weight"),
         "router_bias": ParamSpec((e,), ("router_experts",), m + "gate.e_score_correction_bias", dtype=F32,
                                  init="zeros"),
-        "experts_gate": ParamSpec((e, i, d), ("experts", "expert_mlp", "embed"),
-                                  m + "experts.{expert}.gate_proj.weight", quantized=q),
-        "experts_up": ParamSpec((e, i, d), ("experts", "expert_mlp", "embed"),
-                                m + "experts.{expert}.up_proj.weight", quantized=q),
-        "experts_down": ParamSpec((e, d, i), ("experts", "embed", "expert_mlp"),
-                                  m + "experts.{expert}.down_proj.weight", quantized=q),
+        "experts_gate": _linear(cfg, i, d, up, m + "experts.{expert}.gate_proj", _moe_layers(cfg), e),
+        "experts_up": _linear(cfg, i, d, up, m + "experts.{expert}.up_proj", _moe_layers(cfg), e),
+        "experts_down": _linear(cfg, d, i, ("experts", "embed", "expert_mlp"), m + "experts.{expert}.down_proj",
+                                _moe_layers(cfg), e),
     }
-    shared = mlp_specs(cfg, i * cfg.n_shared_experts, m + "shared_experts.")
+    shared = mlp_specs(cfg, i * cfg.n_shared_experts, m + "shared_experts.", _moe_layers(cfg))
     specs.update({f"shared_{k}": v for k, v in shared.items()})
     return specs
 
 
 def layer_specs(cfg: Config, moe: bool) -> dict[str, Any]:
     """One decoder layer: pre-norms, attention, and a dense MLP or an MoE block."""
-    l = "model.layers.{layer}."
+    l = cfg.weights_prefix + "model.layers.{layer}."
+    dense = mlp_specs(cfg, cfg.intermediate_size, l + "mlp.", (0, cfg.num_dense_layers)) if not moe else None
     return {
         "attn_norm": _norm(cfg.hidden_size, "embed", l + "input_layernorm"),
         "attn": attention_specs(cfg),
         "mlp_norm": _norm(cfg.hidden_size, "embed", l + "post_attention_layernorm"),
-        "ffn": moe_specs(cfg) if moe else mlp_specs(cfg, cfg.intermediate_size, l + "mlp."),
+        "ffn": moe_specs(cfg) if moe else dense,
     }
 
 
@@ -125,13 +164,17 @@ LAYER_GROUPS = {
 
 def model_specs(cfg: Config) -> dict[str, Any]:
     """The whole model's declarations. Layer groups are per-layer specs (stacking adds a `layers` axis)."""
+    p = cfg.weights_prefix
     specs: dict[str, Any] = {"embed": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                                "model.embed_tokens.weight")}
+                                                p + "model.embed_tokens.weight")}
     for group, (_, count, moe) in LAYER_GROUPS.items():
         if count(cfg):
             specs[group] = layer_specs(cfg, moe)
-    specs["final_norm"] = _norm(cfg.hidden_size, "embed", "model.norm")
-    specs["lm_head"] = ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "lm_head.weight")
+    specs["final_norm"] = _norm(cfg.hidden_size, "embed", p + "model.norm")
+    if cfg.int4 is not None and cfg.int4.quantizes(p + "lm_head"):
+        raise ConfigError(f"quantization_config makes '{p}lm_head' INT4; kimi_jax keeps lm_head unquantized "
+                          "(every Kimi INT4 release lists it in 'ignore'): add \"re:.*lm_head.*\" to the ignore list")
+    specs["lm_head"] = ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), p + "lm_head.weight")
     return specs
 
 
@@ -182,11 +225,29 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ..
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
 
+def stored_parts(cfg: Config, spec: ParamSpec, shape: tuple[int, ...],
+                 fp8_dtype: Any = FP8) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The arrays that hold a weight of logical `shape`: {"values": (shape, dtype)[, "scales": ...]}.
+
+    Plain: the weight itself. fp8: fp8 values (stored as `fp8_dtype`) and float32 scale_inv per
+    block. INT4: int32 words [..., out, in/8] and bf16 scales [..., out, ceil(in/group)]. The
+    checkpoint readers, the orbax format and the abstract tree all take their shapes from here.
+    """
+    if not spec.quantized:
+        return {"values": (shape, np.dtype(spec.dtype))}
+    if spec.kind == INT4:
+        *lead, cols = shape
+        return {"values": ((*lead, cols // INT4_PER_WORD), np.dtype(np.int32)),
+                "scales": ((*lead, math.ceil(cols / cfg.int4.group_size)), np.dtype(jnp.bfloat16))}
+    return {"values": (shape, np.dtype(fp8_dtype)),
+            "scales": (scale_shape(shape, cfg.weight_block_size), np.dtype(np.float32))}
+
+
 def abstract_leaf(cfg: Config, shape: tuple[int, ...], spec: ParamSpec, fp8_dtype: Any = FP8) -> Any:
+    parts = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in stored_parts(cfg, spec, shape, fp8_dtype).items()}
     if spec.quantized:
-        return QArray(jax.ShapeDtypeStruct(shape, fp8_dtype),
-                      jax.ShapeDtypeStruct(scale_shape(shape, cfg.weight_block_size), jnp.float32))
-    return jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype))
+        return QArray(parts["values"], parts["scales"], spec.kind)
+    return parts["values"]
 
 
 def build_tree(cfg: Config, fn: Callable[[Leaf], Any]) -> dict[str, Any]:
@@ -209,8 +270,14 @@ def abstract_params(cfg: Config, fp8_dtype: Any = FP8) -> dict[str, Any]:
 
 
 def count_params(tree: Any) -> int:
-    """Number of stored values in a tree, fp8 scales included (as the release counts its tensors)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    """Number of stored values in a tree, fp8 scales included (as the release counts its tensors); an
+    INT4 weight counts its logical values (8 per stored word) and its scales."""
+    def count(x) -> int:
+        if isinstance(x, QArray):
+            return math.prod(x.shape) + math.prod(x.scales.shape)
+        return math.prod(x.shape)
+
+    return sum(count(x) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QArray)))
 
 
 def param_bytes(tree: Any) -> int:
@@ -230,6 +297,8 @@ def initial_value(cfg: Config, spec: ParamSpec, shape: tuple[int, ...], key: jax
     else:
         base = jnp.ones(shape, jnp.float32) if spec.init == "ones" else jnp.zeros(shape, jnp.float32)
         w = base + jitter * jax.random.normal(key, shape, jnp.float32) if jitter else base
+    if spec.quantized and spec.kind == INT4:
+        return QArray(*quantize_int4(w, cfg.int4.group_size), INT4)
     if spec.quantized:
         return QArray(*quantize_block_fp8(w, cfg.weight_block_size))
     return w.astype(spec.dtype)

@@ -37,6 +37,7 @@ from kimi_jax.model.decoder import Transformer, init_cache
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
 from kimi_jax.text.detokenize import Detokenizer, Piece
+from kimi_jax.text.reasoning import split_reasoning
 from kimi_jax.text.tool_calls import parse_tool_calls
 
 STEPS_PER_CALL = 8  # decode steps per compiled call; see BENCHMARKS.md (Generation)
@@ -395,7 +396,8 @@ def stream_pieces(generator: Generator, request: Request, tokenizer=None) -> Ite
 def chat(generator: Generator, tokenizer, messages, tools=None, **settings) -> dict[str, Any]:
     """One assistant turn: the chat template, generation to <|im_end|>/[EOS], and tool-call parsing.
 
-    Returns {"content": str | None, "tool_calls": [OpenAI-style calls], "finish_reason": str}.
+    Returns {"content": str | None, "tool_calls": [OpenAI-style calls], "finish_reason": str}, plus
+    "reasoning_content" (str | None) for a thinking model (its chat template reasons in <think>).
     """
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; this checkpoint has none (put tiktoken.model next to config.json)")
@@ -403,8 +405,11 @@ def chat(generator: Generator, tokenizer, messages, tools=None, **settings) -> d
     request, = make_requests(generator.cfg, [prompt], default_stop_ids=tokenizer.stop_ids, **settings)
     result, = generator.generate([request])
     ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
-    content, tool_calls = parse_tool_calls(tokenizer.decode(ids))
-    return {"content": content, "tool_calls": tool_calls, "finish_reason": result.finish_reason}
+    text, thinks = tokenizer.decode(ids), tokenizer.chat_template.thinks
+    reasoning, text = split_reasoning(text) if thinks else (None, text)
+    content, tool_calls = parse_tool_calls(text)
+    reply = {"content": content, "tool_calls": tool_calls, "finish_reason": result.finish_reason}
+    return {**reply, "reasoning_content": reasoning} if thinks else reply
 
 
 def kv_cache_bytes_per_token_per_layer(cfg: Config, dtype=jnp.bfloat16) -> int:

@@ -9,8 +9,11 @@ Anthropic endpoint does, the temperature used is `request temperature × 0.6` (A
 of 1.0 gives the recommended 0.6).
 
 Replies carry `text` and `tool_use` blocks (ids are Kimi's `functions.NAME:IDX`, input parsed from
-the JSON arguments); `stream: true` sends Anthropic's events (message_start,
-content_block_start/delta/stop, message_delta, message_stop).
+the JSON arguments), and a thinking model's reasoning as a `thinking` block before them (its
+`signature` is empty: nothing signs it); `stream: true` sends Anthropic's events (message_start,
+content_block_start/delta/stop with `thinking_delta` / `text_delta` / `input_json_delta`,
+message_delta, message_stop). `thinking: {"type": "disabled"}` leaves the reasoning in the text, and
+`thinking` blocks an assistant turn sends back become its `reasoning_content` for the template.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fastapi import Request  # module level: FastAPI resolves handler annotation
 from kimi_jax.serve.server import Server
 from kimi_jax.serve.streaming import Prepared, Reply, handle, sse
 from kimi_jax.serve.validation import array, bad, boolean, get, got, mapping, number, path_of, stop_strings, string
+from kimi_jax.text.reasoning import ReasoningDelta
 from kimi_jax.text.tool_calls import ContentDelta, ToolCallEnd
 
 TEMPERATURE_SCALE = 0.6  # temperature_used = request temperature × 0.6, as the release maps it
@@ -51,10 +55,14 @@ def prepare(body: dict[str, Any], server: Server) -> Prepared:
         raise bad("tool_choice.type", f"only 'auto' and 'none' are supported, got {got(kind)}")
     tools = to_openai_tools(body)
     use_tools = bool(tools) and kind == "auto"
-    prompt = server.chat_prompt(to_openai_messages(body), tools, declare=use_tools)
+    thinking = mapping(body, "thinking") or {"type": "enabled"}
+    thinks = string(thinking, "type", at="thinking", required=True, choices=("enabled", "disabled")) == "enabled"
+    prompt = server.chat_prompt(to_openai_messages(body), tools, declare=use_tools,
+                                template_kwargs=None if thinks else {"thinking": False})
     request = server.request(prompt, max_tokens, temperature, top_p, top_k)
     info = {"id": f"msg_{secrets.token_hex(12)}", "model": server.served_model_name}
-    return Prepared(request, stop_strings(body, "stop_sequences"), boolean(body, "stream"), use_tools, info=info)
+    return Prepared(request, stop_strings(body, "stop_sequences"), boolean(body, "stream"), use_tools,
+                    reasoning=server.thinks and thinks, info=info)
 
 
 def _text(content: Any, at: str) -> str:
@@ -89,7 +97,7 @@ def to_openai_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         if not isinstance(content, list):
             raise bad(path_of(where, "content"), f"must be a string or an array of content blocks, got {got(content)}")
-        text, calls = [], []
+        text, calls, thoughts = [], [], []
         for j, block in enumerate(content):
             at = path_of(path_of(where, "content"), j)
             if not isinstance(block, dict):
@@ -97,6 +105,10 @@ def to_openai_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             kind = string(block, "type", at=at, required=True)
             if kind == "text":
                 text.append(string(block, "text", at=at, required=True))
+            elif kind == "thinking" and role == "assistant":
+                thoughts.append(string(block, "thinking", at=at, required=True))
+            elif kind == "redacted_thinking" and role == "assistant":
+                continue  # encrypted by another provider: nothing the template can render
             elif kind == "tool_use" and role == "assistant":
                 calls.append(_tool_call(block, at))
             elif kind == "tool_result" and role == "user":
@@ -106,12 +118,13 @@ def to_openai_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                             "content": "" if result is None else _text(result, path_of(at, "content"))})
             else:
                 raise bad(path_of(at, "type"), f"block type {kind!r} is not supported in a {role} message "
-                                               "(supported: text; tool_use from the assistant; tool_result "
-                                               "from the user)")
+                                               "(supported: text; thinking and tool_use from the assistant; "
+                                               "tool_result from the user)")
+        reasoning = {"reasoning_content": "".join(thoughts)} if thoughts else {}
         if calls:
-            out.append({"role": "assistant", "content": "".join(text) or None, "tool_calls": calls})
-        elif text:
-            out.append({"role": role, "content": "".join(text)})
+            out.append({"role": "assistant", "content": "".join(text) or None, "tool_calls": calls, **reasoning})
+        elif text or thoughts:
+            out.append({"role": role, "content": "".join(text), **reasoning})
     return out
 
 
@@ -155,9 +168,11 @@ def _tool_use(call: ToolCallEnd) -> dict[str, Any]:
 
 
 async def reply_whole(reply: Reply, job: Prepared) -> dict[str, Any]:
-    """A whole `message`: a text block (unless the reply is only tool calls) and tool_use blocks."""
-    content, calls = await reply.collect()
-    blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
+    """A whole `message`: a thinking block (a thinking model's reasoning), a text block (unless the reply
+    is only tool calls) and tool_use blocks."""
+    reasoning, content, calls = await reply.collect()
+    blocks = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+    blocks += ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
     return {**job.info, "type": "message", "role": "assistant", "content": blocks,
             "stop_reason": _stop_reason(reply), "stop_sequence": reply.stop_sequence,
             "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}}
@@ -168,26 +183,31 @@ async def reply_stream(reply: Reply, job: Prepared):
     yield sse({"type": "message_start", "message": {
         **job.info, "type": "message", "role": "assistant", "content": [], "stop_reason": None,
         "stop_sequence": None, "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": 0}}}, "message_start")
-    index, text_open = 0, False
+    index, open_block = 0, None  # the kind of the block being streamed: "thinking", "text" or None
+    deltas = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
     async for event in reply.events():
-        if isinstance(event, ContentDelta):
-            if not text_open:
-                yield sse({"type": "content_block_start", "index": index,
-                           "content_block": {"type": "text", "text": ""}}, "content_block_start")
-                text_open = True
+        kind = "thinking" if isinstance(event, ReasoningDelta) else "text" if isinstance(event, ContentDelta) else None
+        if open_block is not None and kind != open_block:
+            yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+            index, open_block = index + 1, None
+        if kind is not None:
+            if open_block is None:
+                start = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else \
+                    {"type": "text", "text": ""}
+                yield sse({"type": "content_block_start", "index": index, "content_block": start},
+                          "content_block_start")
+                open_block = kind
+            delta, field = deltas[kind]
             yield sse({"type": "content_block_delta", "index": index,
-                       "delta": {"type": "text_delta", "text": event.text}}, "content_block_delta")
+                       "delta": {"type": delta, field: event.text}}, "content_block_delta")
         elif isinstance(event, ToolCallEnd):
-            if text_open:
-                yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-                index, text_open = index + 1, False
             yield sse({"type": "content_block_start", "index": index, "content_block": {
                 "type": "tool_use", "id": event.id, "name": event.name, "input": {}}}, "content_block_start")
             yield sse({"type": "content_block_delta", "index": index,
                        "delta": {"type": "input_json_delta", "partial_json": event.arguments}}, "content_block_delta")
             yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
             index += 1
-    if text_open:
+    if open_block is not None:
         yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
     yield sse({"type": "message_delta", "delta": {"stop_reason": _stop_reason(reply),
                                                   "stop_sequence": reply.stop_sequence},

@@ -4,9 +4,12 @@ Chat prompts go through the Kimi chat template (`Server.chat_prompt`: tools in i
 `tool_declare` block, `role: tool` results as `## Return of {id}`, client-made tool-call ids such
 as `call_abc` rewritten to Kimi's `functions.NAME:IDX`). Replies are parsed for Kimi's native
 tool-call section: `message.tool_calls` carries ids `functions.NAME:IDX` with the arguments as a
-JSON string, and `finish_reason` is "tool_calls" when there are any.
+JSON string, and `finish_reason` is "tool_calls" when there are any. A thinking model's reasoning
+(Kimi-K2-Thinking: before `</think>`) is `message.reasoning_content` (streamed as `reasoning_content`
+deltas), never part of `content`; `chat_template_kwargs: {"thinking": false}` turns that off.
 Supported: temperature (default 0.6), top_p, max_tokens / max_completion_tokens, stop, seed,
-n = 1, stream (+ stream_options.include_usage), tools with tool_choice "auto" or "none".
+n = 1, stream (+ stream_options.include_usage), tools with tool_choice "auto" or "none",
+chat_template_kwargs (variables for the chat template).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE
 from kimi_jax.serve.server import Server
 from kimi_jax.serve.streaming import Prepared, Reply, handle, sse
 from kimi_jax.serve.validation import bad, boolean, got, mapping, number, stop_strings
+from kimi_jax.text.reasoning import ReasoningDelta
 from kimi_jax.text.tool_calls import ContentDelta, ToolCallArgumentsDelta, ToolCallStart, tool_call_dict
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -62,8 +66,12 @@ def prepare_chat(body: dict[str, Any], server: Server) -> Prepared:
         raise bad("tool_choice", f"only 'auto' and 'none' are supported, got {got(choice)}")
     tools = body.get("tools")
     use_tools = bool(tools) and choice != "none"
-    prompt = server.chat_prompt(body.get("messages"), tools, declare=use_tools)
-    return _prepared(body, server, prompt, None, use_tools, "chatcmpl")
+    kwargs = mapping(body, "chat_template_kwargs") or {}
+    thinking = boolean(kwargs, "thinking", True, at="chat_template_kwargs")
+    prompt = server.chat_prompt(body.get("messages"), tools, declare=use_tools, template_kwargs=kwargs)
+    job = _prepared(body, server, prompt, None, use_tools, "chatcmpl")
+    job.reasoning = server.thinks and thinking
+    return job
 
 
 def prepare_completion(body: dict[str, Any], server: Server) -> Prepared:
@@ -89,8 +97,10 @@ def _finish(reply: Reply) -> str:
 
 async def chat_reply(reply: Reply, job: Prepared) -> dict[str, Any]:
     """A whole `chat.completion`."""
-    content, calls = await reply.collect()
+    reasoning, content, calls = await reply.collect()
     message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+    if job.reasoning:
+        message["reasoning_content"] = reasoning or None
     if calls:
         message["tool_calls"] = [tool_call_dict(c.id, c.name, c.arguments) for c in calls]
     return {**job.info, "object": "chat.completion",
@@ -106,7 +116,9 @@ async def chat_stream(reply: Reply, job: Prepared):
 
     yield chunk({"role": "assistant", "content": ""})
     async for event in reply.events():
-        if isinstance(event, ContentDelta):
+        if isinstance(event, ReasoningDelta):
+            yield chunk({"reasoning_content": event.text})
+        elif isinstance(event, ContentDelta):
             yield chunk({"content": event.text})
         elif isinstance(event, ToolCallStart):
             yield chunk({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
@@ -121,7 +133,7 @@ async def chat_stream(reply: Reply, job: Prepared):
 
 async def completion_reply(reply: Reply, job: Prepared) -> dict[str, Any]:
     """A whole `text_completion`."""
-    text, _ = await reply.collect()
+    _, text, _ = await reply.collect()
     return {**job.info, "object": "text_completion",
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reply.finish_reason}],
             "usage": reply.usage()}

@@ -39,10 +39,18 @@ class Server:
             raise APIError(404, f"model: {show(name)} does not exist; this server serves {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
-    def chat_prompt(self, messages: Any, tools: Any = None, declare: bool = True) -> list[int]:
+    @property
+    def thinks(self) -> bool:
+        """Whether the model reasons in <think>…</think> before it answers (its chat template says so:
+        Kimi-K2-Thinking); replies then carry the reasoning apart from the content."""
+        return self.tokenizer.chat_template.thinks
+
+    def chat_prompt(self, messages: Any, tools: Any = None, declare: bool = True,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """The one prompt builder of both APIs: OpenAI-style `messages` and tool declarations,
-        checked and rendered by the Kimi chat template into token ids; the tools are declared to
-        the model only if `declare` (tool_choice "none" checks them but declares none).
+        checked and rendered by the checkpoint's chat template into token ids; the tools are declared
+        to the model only if `declare` (tool_choice "none" checks them but declares none).
+        `template_kwargs`: further template variables (OpenAI's `chat_template_kwargs`).
 
         Client-made tool-call ids such as `call_abc` become Kimi's `functions.NAME:IDX` first.
         """
@@ -50,7 +58,7 @@ class Server:
         check_tools(tools)
         try:
             return self.tokenizer.apply_chat_template(normalize_tool_call_ids(messages),
-                                                      tools if declare and tools else None)
+                                                      tools if declare and tools else None, **(template_kwargs or {}))
         except ChatFormatError as e:  # what the checks above let through, named by the template
             raise bad("messages", str(e)) from None
 

@@ -6,7 +6,9 @@ loop, tool-call parsing of its text, and server-sent events.
              response starts) -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
     Reply    one scheduler job: tokens arrive on a per-request asyncio queue from the model
              thread, become text through text/detokenize.Detokenizer (stop tokens, stop strings,
-             flush), and are read as tool-call events (text/tool_calls.ToolCallStreamParser)
+             flush), are split into reasoning and reply for a thinking model
+             (text/reasoning.ReasoningStreamParser), and the reply is read as tool-call events
+             (text/tool_calls.ToolCallStreamParser)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kimi_jax.serve.errors import APIError, error_body, is_anthropic
 from kimi_jax.serve.server import Server
 from kimi_jax.serve.validation import parse_body
 from kimi_jax.text.detokenize import Detokenizer, Piece
+from kimi_jax.text.reasoning import ReasoningDelta, ReasoningStreamParser
 from kimi_jax.text.tool_calls import ContentDelta, ToolCallEnd, ToolCallEvent, ToolCallStreamParser
 
 log = logging.getLogger("kimi_jax.serve")
@@ -44,6 +47,7 @@ class Prepared:
     use_tools: bool = False  # parse Kimi's tool-call section out of the reply
     include_usage: bool = False  # OpenAI stream_options.include_usage
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # route-specific (ids, …)
+    reasoning: bool = False  # a thinking model's reasoning comes apart from the reply (ReasoningDelta)
 
 
 Prepare = Callable[[dict[str, Any], Server], Prepared]
@@ -178,26 +182,50 @@ class Reply:
         finally:
             self.close()
 
-    async def events(self) -> AsyncIterator[ToolCallEvent]:
-        """The reply as tool-call events: the one driver of ToolCallStreamParser for every route."""
-        parser = ToolCallStreamParser() if self.job.use_tools else None
+    async def events(self) -> AsyncIterator[ReasoningDelta | ToolCallEvent]:
+        """The reply as events: the one driver of the reasoning and tool-call parsers for every route.
+
+        ReasoningDelta only with `job.reasoning`, tool-call events only with `job.use_tools` (else the
+        reply is ContentDelta alone)."""
+        thoughts = ReasoningStreamParser() if self.job.reasoning else None
+        calls = ToolCallStreamParser() if self.job.use_tools else None
         async for text in self._deliveries():
-            for event in parser.feed(text) if parser else [ContentDelta(text)] if text else []:
+            for event in _parse(thoughts, calls, text, final=False):
                 self.tool_calls += isinstance(event, ToolCallEnd)
                 yield event
-        for event in parser.finish() if parser else []:
+        for event in _parse(thoughts, calls, "", final=True):
             self.tool_calls += isinstance(event, ToolCallEnd)
             yield event
 
-    async def collect(self) -> tuple[str, list[ToolCallEnd]]:
-        """The whole reply: its content text and its accepted tool calls."""
-        content, calls = [], []
+    async def collect(self) -> tuple[str, str, list[ToolCallEnd]]:
+        """The whole reply: its reasoning text, its content text and its accepted tool calls."""
+        reasoning, content, calls = [], [], []
         async for event in self.events():
-            if isinstance(event, ContentDelta):
+            if isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, ContentDelta):
                 content.append(event.text)
             elif isinstance(event, ToolCallEnd):
                 calls.append(event)
-        return "".join(content), calls
+        return "".join(reasoning), "".join(content), calls
+
+
+def _parse(thoughts: ReasoningStreamParser | None, calls: ToolCallStreamParser | None, text: str,
+           final: bool) -> list[ReasoningDelta | ToolCallEvent]:
+    """One delivery's text through the reasoning split, then the reply part through the tool-call parser."""
+    events: list[ReasoningDelta | ToolCallEvent] = []
+    if thoughts is not None:
+        reasoning, text = thoughts.feed(text)
+        if final:
+            more_reasoning, more_text = thoughts.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
+        if reasoning:
+            events.append(ReasoningDelta(reasoning))
+    if calls is not None:
+        events += calls.feed(text) + (calls.finish() if final else [])
+    elif text:
+        events.append(ContentDelta(text))
+    return events
 
 
 def sse(data: Any, event: str | None = None) -> str:

@@ -190,6 +190,7 @@ def check_messages(messages: Any, at: str = "messages") -> None:
             raise bad(where, f"must be a message object with 'role' and 'content', got {got(message)}")
         role = string(message, "role", at=where, required=True, choices=ROLES)
         string(message, "name", at=where)
+        string(message, "reasoning_content", at=where)  # a thinking model's earlier reasoning
         calls = array(message, "tool_calls", at=where)
         if calls and role != "assistant":
             raise bad(path_of(where, "tool_calls"), f"only assistant messages carry tool calls, not {role!r} ones")

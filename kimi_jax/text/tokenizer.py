@@ -29,7 +29,7 @@ from typing import Any
 
 import regex
 
-from kimi_jax.text.chat_template import render_chat_segments
+from kimi_jax.text.chat_template import ChatTemplate, default_template
 
 # Kimi-K2's pre-tokenizer split pattern (tiktoken `pat_str`); `&&` is class intersection.
 _KIMI_PAT_PIECES = (
@@ -97,6 +97,8 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"tokenizer {source} lacks the special tokens {missing}")
         self.special_ids: dict[str, int] = dict(special_ids)
         self.source = source
+        # The checkpoint's chat template (`load_tokenizer` finds it next to the tokenizer file).
+        self.chat_template: ChatTemplate = default_template()
         # Longest first, so that a name that is a prefix of another cannot win.
         names = sorted(self.special_ids, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names)))
@@ -132,14 +134,15 @@ class Tokenizer(abc.ABC):
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        **kwargs: Any,
     ) -> list[int]:
-        """Token ids of the conversation as `render_chat` renders it.
+        """Token ids of the conversation as `self.chat_template` renders it (`kwargs`: template variables).
 
-        Special-token names become ids only where the template put them: one typed inside a
-        message stays text. For messages without such names this equals
-        `encode_with_special(render_chat(...))`.
+        Special-token names become ids only where the template put them: one typed inside a message
+        stays text. Without such names this is `encode_with_special(self.chat_template.render(...))`.
         """
-        return self._encode_segments(render_chat_segments(messages, tools, add_generation_prompt))
+        segments = self.chat_template.segments(messages, tools, add_generation_prompt, self.special_ids, **kwargs)
+        return self._encode_segments(segments)
 
     def _encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
         """Encode `(text, trusted)` pieces; only names in trusted pieces become special ids.
@@ -484,13 +487,20 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     A directory is searched for `tiktoken.model`, then `tokenizer.model`, then a single
     `*.model`. A file is recognised by its content: tiktoken BPE text
-    (`base64(token) rank` lines) or a sentencepiece model proto.
+    (`base64(token) rank` lines) or a sentencepiece model proto. The chat template is the one
+    next to it (`ChatTemplate.for_checkpoint`: the packaged 0905 template if there is none).
 
     Raises:
       FileNotFoundError: nothing usable at `path`.
       ValueError: the file is neither format, or is malformed.
     """
     path = Path(path)
+    tokenizer = _load(path)
+    tokenizer.chat_template = ChatTemplate.for_checkpoint(path if path.is_dir() else path.parent)
+    return tokenizer
+
+
+def _load(path: Path) -> Tokenizer:
     expected = "'tiktoken.model' (tiktoken BPE ranks) or 'tokenizer.model' (sentencepiece)"
     if path.is_dir():
         for name in ("tiktoken.model", "tokenizer.model"):
