@@ -221,7 +221,8 @@ def test_scaled_linear_dequantizes_for_many_rows_and_plain_weights(monkeypatch):
     from kimi_jax.model import quant
 
     rng = np.random.default_rng(1)
-    w = QArray(*(jnp.asarray(a) for a in quantize_block_fp8(rng.standard_normal((48, 80)).astype(np.float32), (16, 16))))
+    values, scales = quantize_block_fp8(rng.standard_normal((48, 80)).astype(np.float32), (16, 16))
+    w = QArray(jnp.asarray(values), jnp.asarray(scales))
     x = jnp.asarray(rng.standard_normal((2, 300, 80)), jnp.float32)  # 600 rows x expansion 3 > 1024
     used = []
     monkeypatch.setattr(scaled, "scaled_matmul", lambda *a: used.append(a) or quant.linear(*a[:2]))

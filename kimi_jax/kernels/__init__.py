@@ -71,4 +71,5 @@ def for_devices(devices: Sequence[jax.Device] | None = None, experts: str | None
     return choose(devices[0].platform, len(devices), experts)
 
 
-__all__ = ["Backend", "EXPERT_KERNELS", "GROUPED", "INDEXED", "PLATFORMS", "RAGGED", "REFERENCE", "choose", "for_devices"]
+__all__ = ["Backend", "EXPERT_KERNELS", "GROUPED", "INDEXED", "PLATFORMS", "RAGGED", "REFERENCE", "choose",
+           "for_devices"]
