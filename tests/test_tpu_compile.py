@@ -57,9 +57,11 @@ def expert_bytes(cfg, held: int) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 16])
 def test_routed_experts_read_what_they_must_on_tpu(batch):
-    """Kimi-K2's routed experts at decode on a v6e-4 (96 experts per chip): the indexed kernel reads
-    ≤ 1.3× the min(B·k, local) experts a step must read; the ragged kernel dequantizes them all."""
-    cfg = dataclasses.replace(KIMI_K2, num_hidden_layers=3)  # two MoE layers: the kernel reads one of the stack
+    """Kimi-K2's routed experts at decode on a v6e-4, 24 per chip (as Kimi-K2's 384 on a v5p-64 at
+    expert=16; its widths, fewer experts to compile faster): the indexed kernel reads ≤ 1.3× the
+    min(B·k, local) experts a step must read (batch 1: one item per assignment; 16: a window per
+    local expert, plus the leftover-window loop, counted once); ragged dequantizes them all."""
+    cfg = dataclasses.replace(KIMI_K2, num_hidden_layers=3, n_routed_experts=96)  # a stack of two MoE layers
     layout = plan_layout("data=1,expert=4,tensor=1", None, parse_target("v6e-4"))
     backend = kernels.for_devices(list(layout.mesh.devices.flat))
     shardings = layout.param_shardings(cfg)["moe_layers"]["ffn"]
