@@ -93,6 +93,33 @@ def _demo_tool(call: dict) -> dict:
         return {"error": f"bad arguments for get_weather: {e}"}
 
 
+class CompileClock:
+    """Seconds JAX has spent tracing, lowering and compiling in this process (jax.monitoring events).
+
+    A reply that crosses into a new cache bucket compiles a new decode program mid-stream; the
+    decode rate is reported without that time, and the time apart, so neither hides the other.
+    """
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+    seconds = 0.0
+    _listening = False
+
+    @classmethod
+    def now(cls) -> float:
+        if not cls._listening:
+            import jax.monitoring
+
+            jax.monitoring.register_event_duration_secs_listener(cls._record)
+            cls._listening = True
+        return cls.seconds
+
+    @classmethod
+    def _record(cls, event: str, duration: float, **_) -> None:
+        if event in cls.EVENTS:
+            cls.seconds += duration
+
+
 @dataclasses.dataclass
 class Turn:
     """One generated reply: its tokens, text (tool-call markers included) and timings."""
@@ -101,6 +128,7 @@ class Turn:
     text: str
     seconds: float
     first_token_s: float
+    compile_s: float = 0.0  # compiling after the first token (a new decode bucket)
 
     @property
     def decode_tokens(self) -> int:
@@ -111,11 +139,12 @@ def _generate(model, ids: list[int], args, temperature: float, echo: bool, chat:
     """Stream one reply; with `echo`, write its text to stdout as it comes (a chat reply up to its
     tool-call section, which `_calls_line` shows parsed)."""
     section = getattr(model.tokenizer, "special_ids", {}).get("<|tool_calls_section_begin|>") if chat else None
-    start, first_at = time.perf_counter(), None
+    start, first_at, compiled_at_first = time.perf_counter(), None, 0.0
     tokens, pieces = [], []
     for piece in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=temperature,
                               top_p=args.top_p, top_k=args.top_k, seed=args.seed):
-        first_at = first_at or time.perf_counter()
+        if first_at is None:
+            first_at, compiled_at_first = time.perf_counter(), CompileClock.now()
         echo = echo and piece.token_id != section
         tokens.append(piece.token_id)
         pieces.append(piece.text)
@@ -123,7 +152,8 @@ def _generate(model, ids: list[int], args, temperature: float, echo: bool, chat:
             sys.stdout.write(piece.text)
             sys.stdout.flush()
     end = time.perf_counter()
-    return Turn(tokens, "".join(pieces), end - start, (first_at or end) - start)
+    compile_s = CompileClock.now() - compiled_at_first if first_at is not None else 0.0
+    return Turn(tokens, "".join(pieces), end - start, (first_at or end) - start, compile_s)
 
 
 def _calls_line(content: str | None, calls: list[dict]) -> str:
@@ -133,13 +163,16 @@ def _calls_line(content: str | None, calls: list[dict]) -> str:
 
 
 def _rate(turns: list[Turn]) -> float:
-    decode_s = sum(t.seconds - t.first_token_s for t in turns)
+    """Decode tokens per second after each turn's first token, compiling excluded."""
+    decode_s = sum(t.seconds - t.first_token_s - t.compile_s for t in turns)
     return sum(t.decode_tokens for t in turns) / decode_s if decode_s > 0 else float("nan")
 
 
 def _summary(turns: list[Turn]) -> str:
+    compiling = sum(t.compile_s for t in turns)
+    apart = f" (compiling new decode buckets took {compiling:.2f} s more)" if compiling >= 0.005 else ""
     return (f"[kimi_jax] {sum(len(t.tokens) for t in turns)} tokens in {sum(t.seconds for t in turns):.2f} s: "
-            f"time to first token {turns[0].first_token_s:.3f} s, decode {_rate(turns):.1f} tokens/s")
+            f"time to first token {turns[0].first_token_s:.3f} s, decode {_rate(turns):.1f} tokens/s{apart}")
 
 
 def run_demo(model, args, temperature: float) -> int:
@@ -176,6 +209,7 @@ def run_demo(model, args, temperature: float) -> int:
                           "token_ids": [t.tokens for t in turns], "tools": tools,
                           "time_to_first_token_s": round(turns[0].first_token_s, 4),
                           "decode_tokens_per_s": round(_rate(turns), 2),
+                          "decode_compile_s": round(sum(t.compile_s for t in turns), 3),
                           "checkpoint": args.checkpoint or "embedded tiny chat model"}, ensure_ascii=False))
     else:
         sys.stdout.flush()
@@ -204,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         out = {"token_ids": turn.tokens, "text": turn.text, "prompt_ids": ids,
                "finish_reason": "stop" if turn.tokens and turn.tokens[-1] in model.stop_ids else "length",
                "temperature": temperature, "time_to_first_token_s": round(turn.first_token_s, 4),
-               "decode_tokens_per_s": round(_rate([turn]), 2),
+               "decode_tokens_per_s": round(_rate([turn]), 2), "decode_compile_s": round(turn.compile_s, 3),
                "checkpoint": args.checkpoint or "embedded tiny chat model"}
         if is_chat:
             out["content"], out["tool_calls"] = parse_tool_calls(turn.text)

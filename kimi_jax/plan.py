@@ -1,7 +1,8 @@
-"""`python -m kimi_jax.plan`: will a config fit a mesh? Per-device memory, compiled from abstract weights.
+"""`python -m kimi_jax.plan`: will a config fit a mesh, and what does a step cost? Compiled from abstract weights.
 
-    python -m kimi_jax.plan --config config.json --mesh data=1,expert=64,tensor=4 \\
-        --batch 64 --context 32768 --hardware v5p [--rules dp_attention] [--json]
+    python -m kimi_jax.plan --config config.json --target v5p-64 --mesh data=1,expert=16,tensor=4 \\
+        --batch 64 --context 8192 [--rules dp_attention] [--json]
+    python -m kimi_jax.plan --config config.json --mesh expert=8 --batch 8 --context 16384 --hardware h200
 
 The planning itself is `kimi_jax.runtime.plan`; this module is its command line. JAX is imported
 only after the mesh is checked, so that the virtual device count can still be set.
@@ -15,6 +16,7 @@ import sys
 
 from kimi_jax.config import get_config
 from kimi_jax.runtime.plan import HARDWARE, PREFILL_TOKENS, plan, use_cpu_devices
+from kimi_jax.runtime.targets import TargetError, known_targets, parse_target
 from sharding import MeshError, check, mesh_size
 
 
@@ -24,7 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=1,expert=64,tensor=4")
     p.add_argument("--batch", type=int, required=True, help="decode batch (sequences)")
     p.add_argument("--context", type=int, required=True, help="KV-cache length per sequence (tokens)")
-    p.add_argument("--hardware", choices=sorted(HARDWARE), help="say whether it fits this chip's memory")
+    p.add_argument("--target", default="cpu", metavar="T",
+                   help="what to compile for: cpu (virtual CPU devices, default) or a TPU slice, compiled by "
+                        f"the TPU compiler without a TPU: {', '.join(t for t in known_targets() if t != 'cpu')}")
+    p.add_argument("--hardware", choices=sorted(HARDWARE),
+                   help="the chip to judge memory and the roofline against (default: the target's chip)")
+    p.add_argument("--no-cost", action="store_true", help="skip the per-step cost accounting (fewer compiles)")
     p.add_argument("--rules", default="default", help="rules table: default, dp_attention or replicated_experts")
     p.add_argument("--prefill-batch", type=int, help="sequences per prefill step (default: one per batch shard)")
     p.add_argument("--prefill-chunk", type=int,
@@ -38,11 +45,13 @@ def main(argv=None) -> int:
 
     try:
         cfg = get_config(args.config)
+        target = parse_target(args.target)
         check(cfg, args.mesh, args.rules)  # before any device exists: a clear error, not a crash
-        use_cpu_devices(mesh_size(args.mesh))
+        # A TPU target is compiled without a TPU: JAX itself runs on one CPU device.
+        use_cpu_devices(mesh_size(args.mesh) if target.platform == "cpu" else 1, cpu_target=target.platform == "cpu")
         result = plan(cfg, args.mesh, args.batch, args.context, args.hardware, args.rules, args.prefill_batch,
-                      args.prefill_chunk)
-    except (MeshError, ValueError) as e:
+                      args.prefill_chunk, target=args.target, cost=not args.no_cost)
+    except (MeshError, TargetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_json()) if args.json else result.text())

@@ -101,18 +101,21 @@ class MeshLayout(Layout):
         expert_axes = rules.mesh_axes("experts")
         tok = rules.spec(TOKENS, "MoE tokens")
 
-        def run(x, weights, idx, gate, up, down):
-            w_specs = [_weight_spec(w, rules.spec(specs[name], name), mesh) for name, w in
+        def run(x, weights, idx, gate, up, down, layer=None):
+            stacked = ("layers",) if layer is not None else ()  # the group's stacks, read at `layer`
+            w_specs = [_weight_spec(w, rules.spec(stacked + specs[name], name), mesh) for name, w in
                        (("experts_gate", gate), ("experts_up", up), ("experts_down", down))]
             blocks = [w.block if isinstance(w, QArray) else None for w in (gate, up, down)]
 
-            def body(x, weights, idx, gate, up, down):
+            def body(x, weights, idx, layer, gate, up, down):
                 if gathered:  # every token of the group, in group order
                     x, weights, idx = (jax.lax.all_gather(a, gathered, axis=0, tiled=True) for a in (x, weights, idx))
                 ws = [local_blocks(w, s.values, s.scales, b) if isinstance(w, QArray) else w
                       for w, s, b in zip((gate, up, down), w_specs, blocks)]
-                first = jax.lax.axis_index(expert_axes) * gate.shape[0] if expert_axes else 0
-                y = kernel(x, weights, idx, *ws, first_expert=first, out_dtype=jnp.float32)
+                held = gate.shape[1] if stacked else gate.shape[0]  # experts on this device
+                first = jax.lax.axis_index(expert_axes) * held if expert_axes else 0
+                y = kernel(x, weights, idx, *ws, first_expert=first, out_dtype=jnp.float32,
+                           layer=layer if stacked else None)
                 if gathered:
                     y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
                 if summed:
@@ -121,8 +124,9 @@ class MeshLayout(Layout):
 
             # check_vma off: the kernel's loops start from zeros that are not typed as varying like the
             # weight shards; the body's reductions are explicit, and the result is tested against the loop.
-            return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, *w_specs), out_specs=tok,
-                                 check_vma=False)(x, weights, idx, gate, up, down)
+            layer = jnp.zeros((), jnp.int32) if layer is None else layer
+            return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), *w_specs), out_specs=tok,
+                                 check_vma=False)(x, weights, idx, layer, gate, up, down)
 
         return run
 

@@ -116,3 +116,19 @@ def test_help_documents_the_flags(capsys):
     for flag in ("--checkpoint", "--prompt", "--chat", "--prompt-ids", "--max-new-tokens", "--temperature",
                  "--top-p", "--top-k", "--seed", "--mesh", "--dtype", "--json"):
         assert flag in text
+
+
+def test_decode_rate_leaves_compiling_out():
+    """A reply that compiles a new decode bucket mid-stream: the rate counts decoding only, and the
+    summary says how long compiling took."""
+    import jax
+    import jax.numpy as jnp
+
+    start = cli.CompileClock.now()
+    jax.jit(lambda x: jnp.sin(x) * 3.5 + 1.25)(jnp.arange(7.0)).block_until_ready()  # a fresh program
+    compiled = cli.CompileClock.now() - start
+    assert compiled > 0
+    turn = cli.Turn(tokens=list(range(11)), text="", seconds=2.0 + compiled, first_token_s=1.0, compile_s=compiled)
+    assert cli._rate([turn]) == pytest.approx(10 / 1.0)
+    assert "compiling new decode buckets took" in cli._summary([turn])
+    assert "compiling" not in cli._summary([cli.Turn(list(range(3)), "", 2.0, 1.0)])

@@ -34,7 +34,7 @@ def assignments(kind: str, n: int, rng):
     return jnp.asarray(idx, jnp.int32), jnp.asarray(rng.random((n, K)), jnp.float32)
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "ragged"])
+@pytest.mark.parametrize("kernel", ["grouped", "indexed", "ragged"])
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "last"])
 @pytest.mark.parametrize("n", [1, 5, 64])
 def test_kernels_equal_loop_reference(kernel, kind, n):
@@ -64,17 +64,18 @@ def test_tile_size_reads_only_chosen_experts_at_decode():
 
 def test_backend_choice_per_platform():
     """One policy decides fp8 storage, the expert kernel and dense streaming from the target devices."""
-    from kimi_jax.kernels import streamed
+    from kimi_jax.kernels import scaled, streamed
     from kimi_jax.model import quant
 
     cpu, cpu_mesh, gpu, tpu = (kernels.choose("cpu"), kernels.choose("cpu", 8), kernels.choose("gpu", 8),
                                kernels.choose("tpu", 64))
     assert cpu.experts is cpu_mesh.experts is kernels.GROUPED
-    assert gpu.experts is tpu.experts is kernels.RAGGED
+    assert gpu.experts is tpu.experts is kernels.INDEXED
     assert cpu.fp8_storage == cpu_mesh.fp8_storage == np.uint8
     assert gpu.fp8_storage == tpu.fp8_storage == np.dtype("float8_e4m3fn")
     assert cpu.linear is streamed.linear and cpu.logits is streamed.logits  # one CPU device: decode streams
-    assert cpu_mesh.linear is gpu.linear is tpu.linear is quant.linear  # a mesh never streams a sharded weight
+    assert cpu_mesh.linear is quant.linear  # a mesh never streams a sharded weight
+    assert gpu.linear is tpu.linear is scaled.linear  # block scales on the activations: fp8 read once
     assert kernels.choose("cpu", experts="ragged").experts is kernels.RAGGED  # tests run every kernel on CPU
     assert kernels.for_devices(jax.devices()[:1]) == cpu and kernels.for_devices(jax.devices()) == cpu_mesh
     with pytest.raises(ValueError, match="unknown expert kernel 'dense'"):
@@ -149,3 +150,83 @@ def test_compiled_decode_step_copies_no_layer_of_experts():
     compiled = step.lower(params, tokens, cache).compile()
     layer_bytes = param_bytes(params["moe_layers"]["ffn"]) / (cfg.num_hidden_layers - cfg.first_k_dense_replace)
     assert compiled.memory_analysis().temp_size_in_bytes < 0.25 * layer_bytes
+
+
+# The indexed (accelerator decode) kernel's other paths ------------------------------------------
+@pytest.mark.parametrize("kernel", ["grouped", "indexed", "ragged"])
+@pytest.mark.parametrize("n", [1, 6])
+def test_kernels_read_one_layer_of_a_stack(kernel, n):
+    """With `layer`, a kernel reads that layer out of the group's [L, E, ...] stacks (as in the layer loop)."""
+    rng = np.random.default_rng(10 + n)
+    layers = [experts(20 + i) for i in range(3)]
+    stacks = [jax.tree.map(lambda *a: jnp.stack(a), *(layer[m] for layer in layers)) for m in range(3)]
+    x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
+    idx, weights = assignments("uniform", n, rng)
+    got = jax.jit(kernels.EXPERT_KERNELS[kernel])(x, weights, idx, *stacks, layer=jnp.int32(2))
+    np.testing.assert_allclose(got, reference_experts(x, weights, idx, *layers[2]), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("n", [1, 3, 9, 40])
+def test_indexed_kernel_with_experts_held_elsewhere(n):
+    """Experts [4, 10) of 12 on this device: assignments to the others add nothing, whichever path runs."""
+    rng = np.random.default_rng(n)
+    gate, up, down = experts(5)
+    x = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
+    idx, weights = assignments("skewed" if n == 40 else "uniform", n, rng)
+    local = [q[4:10] for q in (gate, up, down)]
+    got = jax.jit(kernels.INDEXED)(x, weights, idx, *local, first_expert=4)
+    want = reference_experts(x, weights, idx, *local, first_expert=4)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_indexed_kernel_hands_prefill_to_ragged(monkeypatch):
+    from kimi_jax.kernels import indexed
+
+    monkeypatch.setattr(indexed, "MAX_DECODE_TOKENS", 4)
+    rng = np.random.default_rng(7)
+    gate, up, down = experts(7)
+    x = jnp.asarray(rng.standard_normal((9, D)), jnp.float32)
+    idx, weights = assignments("uniform", 9, rng)
+    calls = []
+    monkeypatch.setattr(indexed, "RAGGED", lambda *a: calls.append(a) or kernels.RAGGED(*a))
+    got = indexed.indexed_experts(x, weights, idx, gate, up, down)
+    assert len(calls) == 1
+    np.testing.assert_allclose(got, reference_experts(x, weights, idx, gate, up, down), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape,block", [((48, 80), (16, 16)),  # fewer output blocks: scaled copies of x
+                                         ((80, 48), (16, 16)),  # fewer input blocks: masked copies of x
+                                         ((20, 40), (8, 16)),  # ragged edge blocks (as kv_a_proj_with_mqa)
+                                         ((37, 52), (16, 16))])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_scaled_products_equal_dequantized_products(shape, block, rows):
+    """The block-scaled product (scales on the activations) equals the product with the dequantized
+    weight, for either expansion, ragged blocks and both fp8 storage forms."""
+    from kimi_jax.kernels import scaled
+    from kimi_jax.model import quant
+
+    rng = np.random.default_rng(rows)
+    w = QArray(*quantize_block_fp8(rng.standard_normal(shape).astype(np.float32), block))
+    x = jnp.asarray(rng.standard_normal((rows, shape[1])), jnp.float32)
+    want = quant.linear(x, QArray(jnp.asarray(w.values), jnp.asarray(w.scales)))
+    for values in (jnp.asarray(w.values), jnp.asarray(w.values.view(np.uint8))):
+        q = QArray(values, jnp.asarray(w.scales))
+        assert scaled.expansion(q) == min(w.scales.shape)
+        np.testing.assert_allclose(scaled.scaled_matmul(x, q, jnp.float32), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(jax.jit(scaled.linear)(x[None], q)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_scaled_linear_dequantizes_for_many_rows_and_plain_weights(monkeypatch):
+    from kimi_jax.kernels import scaled
+    from kimi_jax.model import quant
+
+    rng = np.random.default_rng(1)
+    values, scales = quantize_block_fp8(rng.standard_normal((48, 80)).astype(np.float32), (16, 16))
+    w = QArray(jnp.asarray(values), jnp.asarray(scales))
+    x = jnp.asarray(rng.standard_normal((2, 300, 80)), jnp.float32)  # 600 rows x expansion 3 > 1024
+    used = []
+    monkeypatch.setattr(scaled, "scaled_matmul", lambda *a: used.append(a) or quant.linear(*a[:2]))
+    np.testing.assert_allclose(scaled.linear(x, w), quant.linear(x, w), rtol=1e-5, atol=1e-5)
+    plain = jnp.asarray(rng.standard_normal((48, 80)), jnp.float32)
+    np.testing.assert_allclose(scaled.linear(x[:, :2], plain), quant.linear(x[:, :2], plain), rtol=1e-6)
+    assert used == []  # neither went through the expanded product

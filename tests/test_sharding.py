@@ -159,7 +159,7 @@ def test_no_all_gather_of_expert_weights(hub_checkpoint, mesh, rules):
 
 
 # The expert-parallel kernel against the loop reference -----------------------------------------
-@pytest.mark.parametrize("kernel", ["grouped", "ragged"])
+@pytest.mark.parametrize("kernel", ["grouped", "indexed", "ragged"])
 @pytest.mark.parametrize("mesh,rules,block", [("expert=4,tensor=2", RULES, (8, 8)),
                                               ("data=2,expert=2,tensor=2", DP_ATTENTION_RULES, (128, 128)),
                                               ("expert=8", RULES, (128, 128))])

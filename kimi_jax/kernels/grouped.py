@@ -45,8 +45,10 @@ def tile_chunk(n_tiles: int, weight_elems: int) -> int:
     return max(1, min(n_tiles, CHUNK_BYTES // (3 * 4 * weight_elems), -(-n_tiles // MIN_CHUNKS)))
 
 
-def grouped_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down, dtype) -> jax.Array:
-    """Sorted rows xs [M, D] with their expert ids -> expert outputs [M, D], via per-tile gathers."""
+def grouped_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down, dtype,
+                 layer: jax.Array | None = None) -> jax.Array:
+    """Sorted rows xs [M, D] with their expert ids -> expert outputs [M, D], via per-tile gathers
+    (from layer `layer` of stacked weights [L, E, ...] when given)."""
     rows, num_experts = xs.shape[0], sizes.shape[0]
     m = tile_rows(rows, num_experts)
     # Worst case over any distribution: each active expert wastes < m rows of its last tile.
@@ -64,7 +66,7 @@ def grouped_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, 
     # Tiles run in chunks, so only one chunk's dequantized weights exist at a time (at prefill the
     # tiles outnumber the experts: dequantizing them all at once would cost several times the
     # layer's fp8 bytes), and chunks past the last used tile are skipped (see MIN_CHUNKS).
-    chunk = tile_chunk(n_tiles, gate.shape[-2] * gate.shape[-1])
+    chunk = tile_chunk(n_tiles, math.prod(gate.shape[-2:]))
     n_chunks = -(-n_tiles // chunk)
     pad = n_chunks * chunk - n_tiles
     xt = jnp.pad(xp.reshape(n_tiles, m, -1), ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk, m, -1)
@@ -76,14 +78,13 @@ def grouped_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, 
     # 33 MB per layer per decode step, ~45% of the step).
     pregather = 2 * n_chunks * chunk <= num_experts
     if pregather:
-        gate, up, down = jax.tree.map(lambda a: jnp.asarray(a)[te], (gate, up, down))  # (n_chunks, chunk, ...)
+        gate, up, down = (take(w, layer, te) for w in (gate, up, down))  # (n_chunks, chunk, ...)
 
     def run_chunk(c, yt):
         x, ids = xt[c], te[c]  # (chunk, m, D), (chunk,)
 
         def w(q):  # the chunk's expert weights, gathered in storage dtype (fp8 bytes) then dequantized
-            return dequantize(jax.tree.map(lambda a: jnp.asarray(a)[c] if pregather else jnp.asarray(a)[ids], q),
-                              jnp.float32)
+            return dequantize(take(q, None, c) if pregather else take(q, layer, ids), jnp.float32)
 
         x = x.astype(jnp.float32)
         h = jax.nn.silu(jnp.einsum("tmd,tid->tmi", x, w(gate))) * jnp.einsum("tmd,tid->tmi", x, w(up))
@@ -94,6 +95,12 @@ def grouped_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, 
     yt = jax.lax.fori_loop(0, used, run_chunk, jnp.zeros_like(xt))
     return yt.reshape(n_chunks * chunk * m, -1).at[slot].get(mode="fill", fill_value=0)
 
+
+
+def take(w, layer: jax.Array | None, ids: jax.Array):
+    """w[ids] (plain or quantized weights), or w[layer, ids] of a stack."""
+    index = ids if layer is None else (layer, ids)
+    return jax.tree.map(lambda a: jnp.asarray(a)[index], w)
 
 
 GROUPED = SortedExperts(grouped_rows, "grouped")

@@ -15,12 +15,16 @@ from kimi_jax.model.experts import SortedExperts
 from kimi_jax.model.quant import dequantize
 
 
-def ragged_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down, dtype) -> jax.Array:
+def ragged_rows(xs: jax.Array, experts: jax.Array, sizes: jax.Array, gate, up, down, dtype,
+                layer: jax.Array | None = None) -> jax.Array:
     """Sorted rows xs [M, D] -> [M, D]; weights [E, out, in] transposed to ragged_dot's [E, in, out].
 
     Rows of experts held elsewhere sort last, past sum(sizes): whatever is computed there, the
     dispatch (`SortedExperts`) masks it out.
     """
+    if layer is not None:
+        gate, up, down = gate[layer], up[layer], down[layer]
+
     def mm(x, q):
         return jax.lax.ragged_dot(x, jnp.swapaxes(dequantize(q, dtype), 1, 2), sizes)
 

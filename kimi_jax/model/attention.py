@@ -31,19 +31,31 @@ NEG_INF = -1e30  # finite, so a fully masked row (a padded query) stays NaN-free
 
 
 class LatentCache(NamedTuple):
-    """One layer's cache: slot s holds the token at position s of each sequence."""
+    """The latent cache: slot s holds the token at position s of each sequence.
 
-    latent: jax.Array  # [B, S, kv_lora_rank], normalised c_kv
-    k_rope: jax.Array  # [B, S, qk_rope_head_dim], roped shared key
+    One layer's is [B, S, width]; a layer group's is stacked [layers, B, S, width], and a layer reads
+    and writes its own row of the stack in place (the stack is the layer loop's carry, so the step
+    never holds a second copy of the cache).
+    """
+
+    latent: jax.Array  # [(L,) B, S, kv_lora_rank], normalised c_kv
+    k_rope: jax.Array  # [(L,) B, S, qk_rope_head_dim], roped shared key
+
+    def layer(self, layer: jax.Array | None) -> LatentCache:
+        """Layer `layer`'s cache [B, S, width] (the cache itself when `layer` is None)."""
+        return self if layer is None else LatentCache(self.latent[layer], self.k_rope[layer])
 
 
-def write_cache(cache: LatentCache, latent: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
-    """Store new tokens at slot = position; positions < 0 or ≥ S (padding) are dropped."""
-    s = cache.latent.shape[1]
+def write_cache(cache: LatentCache, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
+                layer: jax.Array | None = None) -> LatentCache:
+    """Store new tokens at slot = position (of layer `layer` of a stacked cache); positions < 0 or ≥ S
+    (padding) are dropped."""
+    s = cache.latent.shape[-2]
     slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # s is out of range: dropped
     b = jnp.arange(positions.shape[0])[:, None]
-    return LatentCache(cache.latent.at[b, slots].set(latent.astype(cache.latent.dtype), mode="drop"),
-                       cache.k_rope.at[b, slots].set(k_rope.astype(cache.k_rope.dtype), mode="drop"))
+    index = (b, slots) if layer is None else (layer, b, slots)
+    return LatentCache(cache.latent.at[index].set(latent.astype(cache.latent.dtype), mode="drop"),
+                       cache.k_rope.at[index].set(k_rope.astype(cache.k_rope.dtype), mode="drop"))
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -65,8 +77,12 @@ class MLA(nn.Module):
     layout: Layout = UNSHARDED  # placement hooks (logical names only; see layout.py)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None):
-        """x [B, T, D], positions [B, T] (−1 = padding) -> (out [B, T, D], updated cache or None)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
+                 layer: jax.Array | None = None):
+        """x [B, T, D], positions [B, T] (−1 = padding) -> (out [B, T, D], updated cache or None).
+
+        `cache` is one layer's, or with `layer` a layer group's stack of which row `layer` is used.
+        """
         cfg = self.cfg
         p = declare(self, attention_specs(cfg), cfg)
         b, t, _ = x.shape
@@ -86,8 +102,9 @@ class MLA(nn.Module):
         if cache is None:
             keys, k_pos = LatentCache(latent, k_rope), positions
         else:
-            cache = write_cache(cache, latent, k_rope, positions)
-            keys = LatentCache(cache.latent.astype(x.dtype), cache.k_rope.astype(x.dtype))
+            cache = write_cache(cache, latent, k_rope, positions, layer)
+            mine = cache.layer(layer)
+            keys = LatentCache(mine.latent.astype(x.dtype), mine.k_rope.astype(x.dtype))
             k_pos = jnp.broadcast_to(jnp.arange(keys.latent.shape[1]), (b, keys.latent.shape[1]))
         mask = attention_mask(positions, k_pos)
 

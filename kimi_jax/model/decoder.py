@@ -2,6 +2,11 @@
 
 Parameters are a plain pytree passed to `Transformer.apply({"params": params}, ...)`; its layout is
 the one `weights.model_specs` declares (stacked groups have a leading `layers` axis).
+
+The layer loop (`nn.scan`) carries the residual stream and the group's whole KV-cache stack, which
+each layer updates in its own row (in place: a step holds one cache), and scans over the layer
+index. Per-layer weights are sliced by the loop; the routed experts' stacks are instead passed whole
+and read by index (experts.py: slicing a layer out would copy all of its experts every step).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from kimi_jax.model.attention import MLA, LatentCache
 from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.layers import rms_norm
 from kimi_jax.model.layout import UNSHARDED, Layout
-from kimi_jax.model.moe import MLP, MoE
+from kimi_jax.model.moe import EXPERT_WEIGHTS, MLP, MoE
 from kimi_jax.model.weights import LAYER_GROUPS, declare, layer_specs, model_specs
 
 
@@ -30,17 +35,23 @@ class DecoderLayer(nn.Module):
     layout: Layout = UNSHARDED
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: LatentCache | None, positions: jax.Array):
-        """x [B, T, D] is the float32 residual stream; the blocks compute in `dtype`."""
+    def __call__(self, carry: tuple[jax.Array, LatentCache | None], layer: jax.Array, positions: jax.Array,
+                 experts: dict | None):
+        """carry: (x [B, T, D] the float32 residual stream, the group's cache stack or None); `layer` is
+        this layer's index in the group, `experts` the group's expert stacks (None at init). The
+        blocks compute in `dtype`."""
         cfg = self.cfg
+        x, cache = carry
         p = declare(self, layer_specs(cfg, self.moe), cfg)  # the two norms; attn/ffn declare their own
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        h, cache = MLA(cfg, self.absorb, self.backend, self.layout, name="attn")(h, positions, cache)
+        h, cache = MLA(cfg, self.absorb, self.backend, self.layout, name="attn")(h, positions, cache, layer)
         x = x + h.astype(jnp.float32)
         y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps).astype(self.dtype)
-        ffn = MoE(cfg, self.backend, self.layout, name="ffn") if self.moe else MLP(cfg, self.backend, name="ffn")
-        y = ffn(y)
-        return x + y.astype(jnp.float32), cache
+        if self.moe:
+            y = MoE(cfg, self.backend, self.layout, name="ffn")(y, layer, experts)
+        else:
+            y = MLP(cfg, self.backend, name="ffn")(y)
+        return (x + y.astype(jnp.float32), cache), None
 
 
 class Transformer(nn.Module):
@@ -51,6 +62,7 @@ class Transformer(nn.Module):
     backend: Backend = REFERENCE  # how products run: kimi_jax.kernels.choose picks one per platform
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype
     layout: Layout = UNSHARDED  # device placement hooks (sharding.MeshLayout on a mesh)
+    unroll: bool = False  # inline the layers instead of a loop (the planner's cost accounting)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: dict | None = None,
@@ -64,15 +76,20 @@ class Transformer(nn.Module):
         x = self.layout.constrain(x, ("batch", "seq", "embed"))
         new_cache = {} if cache is not None else None
         for group, (_, count, moe) in LAYER_GROUPS.items():
-            if not count(cfg):
+            n = count(cfg)
+            if not n:
                 continue
-            # Layers scan: compile time does not grow with depth. Params and cache carry a layer axis,
-            # and so do values sown into "intermediates" (the trainer's per-layer attention statistics).
+            # Layers scan: compile time does not grow with depth. Params carry a layer axis, and so do
+            # values sown into "intermediates" (the trainer's per-layer attention statistics).
             stack = nn.scan(DecoderLayer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast), out_axes=0, length=count(cfg))
-            layer_cache = None if cache is None else cache[group]
-            layer = stack(cfg, moe, self.absorb, self.backend, self.dtype, self.layout, name=group)
-            x, group_cache = layer(x, layer_cache, positions)
+                            in_axes=(0, nn.broadcast, nn.broadcast), out_axes=0, length=n,
+                            unroll=n if self.unroll else 1)
+            experts = None
+            if moe and not self.is_initializing():  # the group's expert stacks, whole
+                experts = {k: self.variables["params"][group]["ffn"][k] for k in EXPERT_WEIGHTS}
+            layers = stack(cfg, moe, self.absorb, self.backend, self.dtype, self.layout, name=group)
+            group_cache = None if cache is None else cache[group]
+            (x, group_cache), _ = layers((x, group_cache), jnp.arange(n), positions, experts)
             if cache is not None:
                 new_cache[group] = group_cache
         x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps).astype(self.dtype)

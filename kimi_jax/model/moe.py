@@ -51,19 +51,29 @@ class MLP(nn.Module):
         return swiglu(x, p["gate"], p["up"], p["down"], self.backend.linear)
 
 
+EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")
+
+
 class MoE(nn.Module):
-    """Routed experts plus the shared expert, for x [B, T, D]."""
+    """Routed experts plus the shared expert, for x [B, T, D].
+
+    Inside the layer loop the expert weights come whole: `stacks` holds the group's [layers, E, ...]
+    stacks and `layer` says which layer this is, so the kernel reads only the experts it needs
+    (experts.py). The per-layer slices the loop also passes (declared here, for init and the tree's
+    shape) then go unused and the compiler drops them. Without `stacks` this layer's own are used.
+    """
 
     cfg: Config
     backend: Backend = REFERENCE  # how the experts and the shared expert's products run
     layout: Layout = UNSHARDED  # where the experts run (sharding.MeshLayout: expert-parallel)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None, stacks: dict | None = None) -> jax.Array:
         p = declare(self, moe_specs(self.cfg), self.cfg)
         flat = x.reshape(-1, x.shape[-1])  # (B·T, D)
         weights, idx = route(flat, p["router"], p["router_bias"], self.cfg)
-        routed = self.layout.experts(self.backend.experts)(flat, weights, idx, p["experts_gate"], p["experts_up"],
-                                                           p["experts_down"])
+        experts, which = (stacks, layer) if stacks is not None else (p, None)
+        routed = self.layout.experts(self.backend.experts)(flat, weights, idx, *(experts[k] for k in EXPERT_WEIGHTS),
+                                                           layer=which)
         shared = swiglu(flat, p["shared_gate"], p["shared_up"], p["shared_down"], self.backend.linear)
         return (routed + shared).reshape(x.shape)

@@ -117,7 +117,7 @@ def _xp(a):
 
 
 def dequantize(w: QArray | jax.Array | np.ndarray, dtype=jnp.float32, block: tuple[int, int] | None = None):
-    """W_fp8 · scale_inv broadcast over its block, in float32, then cast to `dtype`.
+    """W_fp8 · scale_inv broadcast over its block (by reshape), in float32, then cast to `dtype`.
 
     `block`: the checkpoint's block size where known (config.weight_block_size); by default it is
     inferred from the shapes (`block_size`, exact for the release's 128×128 blocks). One
@@ -133,11 +133,15 @@ def dequantize(w: QArray | jax.Array | np.ndarray, dtype=jnp.float32, block: tup
         return dequantize_int4(w, dtype)
     xp = _xp(w.values)
     values, scales = (w.values, w.scales) if xp is np else jax.lax.optimization_barrier((w.values, w.scales))
-    rows, cols = values.shape[-2:]
+    *lead, rows, cols = values.shape
     br, bc = block or w.block
-    s = xp.repeat(xp.repeat(scales, br, axis=-2)[..., :rows, :], bc, axis=-1)[..., :cols]
+    nr, nc = scales.shape[-2:]
     decoded = values.astype(np.float32) if xp is np else fp8_to_float32(values)
-    return (decoded * s).astype(dtype)
+    if (nr * br, nc * bc) != (rows, cols):  # ragged edge blocks: pad to whole blocks, cut off after
+        decoded = xp.pad(decoded, [(0, 0)] * len(lead) + [(0, nr * br - rows), (0, nc * bc - cols)])
+    # The scales broadcast over their blocks by a reshape: no full-size scale array is ever built.
+    blocks = decoded.reshape(*lead, nr, br, nc, bc) * scales[..., :, None, :, None]
+    return blocks.reshape(*lead, nr * br, nc * bc)[..., :rows, :cols].astype(dtype)
 
 
 # INT4 (compressed-tensors pack-quantized) ------------------------------------------------------
