@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from kimi_jax.serve import anthropic, openai
-from kimi_jax.serve.errors import APIError, error_response
+from kimi_jax.serve.errors import APIError, clip, error_response
 from kimi_jax.serve.metrics import MEDIA_TYPE, prometheus_text
 from kimi_jax.serve.server import Server
 
@@ -41,8 +41,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, err: HTTPException):
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
+        method, path = clip(request.method, 20), clip(request.url.path, 200)  # as long as the client likes
+        message = {404: f"no route {method} {path}",
+                   405: f"{method} is not allowed on {path}"}.get(err.status_code, str(err.detail))
         return error_response(request.url.path, APIError(err.status_code, message), headers=err.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -20,7 +20,7 @@ from kimi_jax.runtime.default_model import load_checkpoint_or_default
 from kimi_jax.runtime.engine import DTYPES
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.app import create_app
-from kimi_jax.serve.server import Server
+from kimi_jax.serve.server import MAX_BODY_BYTES, Server
 
 EPILOG = """\
 examples:
@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=_int_at_least(1), default=16, metavar="N", help="decode slots (default 16)")
     p.add_argument("--max-context", type=_int_at_least(2), default=4096, metavar="T",
                    help="tokens per slot, prompt + output (default 4096, capped by the model's context)")
+    p.add_argument("--max-body-bytes", type=_int_at_least(1), default=MAX_BODY_BYTES, metavar="N",
+                   help=f"largest request body, in bytes; a larger one is answered 413 (default {MAX_BODY_BYTES})")
     p.add_argument("--max-queue", type=_int_at_least(0), default=256, metavar="N",
                    help="waiting requests before answering 429 (default 256)")
     p.add_argument("--max-prefill", type=_int_at_least(1), default=4, metavar="N",
@@ -86,7 +88,7 @@ def build_server(args: argparse.Namespace, model=None, generator=None) -> Server
     scheduler = Scheduler(generator if generator is not None else model.generator, max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue, max_prefill=args.max_prefill,
                           steps_per_call=args.steps_per_call).start()
-    return Server(model, scheduler, args.served_model_name, args.api_key)
+    return Server(model, scheduler, args.served_model_name, args.api_key, args.max_body_bytes)
 
 
 def main(argv=None) -> int:

@@ -14,15 +14,19 @@ from kimi_jax.serve.errors import APIError, show
 from kimi_jax.serve.validation import bad, check_messages, check_tools, got
 from kimi_jax.text.chat_template import ChatFormatError, normalize_tool_call_ids
 
+MAX_BODY_BYTES = 8 << 20  # a request body over 8 MiB is answered 413 (--max-body-bytes)
+
 
 class Server:
     """The loaded model, its scheduler and the serving settings."""
 
-    def __init__(self, model, scheduler, served_model_name: str = "kimi-k2-instruct", api_key: str | None = None):
+    def __init__(self, model, scheduler, served_model_name: str = "kimi-k2-instruct", api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         if model.tokenizer is None:
             raise ValueError("serving needs a tokenizer: put tiktoken.model next to config.json")
         self.model, self.scheduler, self.tokenizer = model, scheduler, model.tokenizer
         self.served_model_name, self.api_key = served_model_name, api_key
+        self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
 
     @property

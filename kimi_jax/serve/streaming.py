@@ -1,9 +1,11 @@
 """What every generating route does, once: the handler skeleton, the generation seen from the event
 loop, tool-call parsing of its text, and server-sent events.
 
-    handle   body -> model check -> the route's `prepare` (validation, a generation.Request)
-             -> submit and wait for the first tokens (errors such as 429 surface before a
-             response starts) -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
+    handle   body (at most `Server.max_body_bytes`, else 413) -> in a worker thread, so that a big
+             body never stalls the event loop: JSON parse, model check, the route's `prepare`
+             (validation, chat template, tokenization, a generation.Request) -> submit and
+             wait for the first tokens (errors such as 429 surface before a response starts)
+             -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
     Reply    one scheduler job: tokens arrive on a per-request asyncio queue from the model
              thread, become text through text/detokenize.Detokenizer (stop tokens, stop strings,
              flush), are split into reasoning and reply for a thinking model
@@ -22,6 +24,7 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from kimi_jax.runtime.generation import Request
@@ -48,6 +51,8 @@ class Prepared:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # route-specific (ids, …)
     reasoning: bool = False  # a thinking model's reasoning comes apart from the reply (ReasoningDelta)
+    parallel_tool_calls: bool = True  # False: the reply ends after its first tool call
+    echo: str = ""  # /v1/completions `echo`: the prompt's text, which the reply's text follows
 
 
 Prepare = Callable[[dict[str, Any], Server], Prepared]
@@ -58,9 +63,8 @@ Stream = Callable[["Reply", Prepared], AsyncIterator[str]]
 async def handle(http: HTTPRequest, server: Server, prepare: Prepare, whole: Whole, stream: Stream) -> Response:
     """The one route skeleton: parse the body, check the model, let the route validate and build its
     request, start generating, then answer whole or as a stream."""
-    body = parse_body(await read_body(http))
-    server.check_model(body)
-    job = prepare(body, server)
+    raw = await read_body(http, server.max_body_bytes)
+    job = await run_in_threadpool(_prepare, raw, server, prepare)
     reply = Reply(server, job)
     await reply.start(http)
     if job.stream:
@@ -68,12 +72,32 @@ async def handle(http: HTTPRequest, server: Server, prepare: Prepare, whole: Who
     return JSONResponse(await unless_disconnected(http, whole(reply, job)))
 
 
-async def read_body(http: HTTPRequest) -> bytes:
-    """The raw request body (a client gone while sending it is answered 499, read by nobody)."""
+def _prepare(raw: bytes, server: Server, prepare: Prepare) -> Prepared:
+    """Everything between the bytes and the scheduler; CPU-bound, so it runs in a worker thread."""
+    body = parse_body(raw)
+    server.check_model(body)
+    return prepare(body, server)
+
+
+async def read_body(http: HTTPRequest, limit: int) -> bytes:
+    """The raw request body, at most `limit` bytes: a larger one is answered 413 as soon as its
+    Content-Length (or the bytes received) say so, before it is read whole. A client gone while
+    sending it is answered 499, read by nobody."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                            "(--max-body-bytes)", code="request_too_large")
+    length = http.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
     try:
-        return await http.body()
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "client closed the request") from None
+    return b"".join(chunks)
 
 
 async def unless_disconnected(http: HTTPRequest, awaitable: Awaitable[Any], poll_s: float = DISCONNECT_POLL_S):
@@ -193,9 +217,14 @@ class Reply:
             for event in _parse(thoughts, calls, text, final=False):
                 self.tool_calls += isinstance(event, ToolCallEnd)
                 yield event
+                if isinstance(event, ToolCallEnd) and not self.job.parallel_tool_calls:
+                    self.close()  # one call is all the client takes: stop generating (frees the slot)
+                    return
         for event in _parse(thoughts, calls, "", final=True):
             self.tool_calls += isinstance(event, ToolCallEnd)
             yield event
+            if isinstance(event, ToolCallEnd) and not self.job.parallel_tool_calls:
+                return
 
     async def collect(self) -> tuple[str, str, list[ToolCallEnd]]:
         """The whole reply: its reasoning text, its content text and its accepted tool calls."""
