@@ -36,14 +36,21 @@ def _tool(parameters=SCHEMA, name="get_weather", **more):
 
 # (route, body, the field the 400 must name)
 REFUSED_OPENAI = [
-    ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": "yes"}, "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, "n"),
+    ("/v1/chat/completions", {**CHAT, "n": 5}, "n"),  # more than the server's 4 slots
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": SCHEMA}}}, "response_format"),
-    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 10}}, "logit_bias"),
-    ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/chat/completions", {**CHAT, "frequency_penalty": -1}, "frequency_penalty"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"abc": 10}}, "logit_bias.abc"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999": 10}}, "logit_bias.99999"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": True}}, "logit_bias.5"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": [5]}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": "1"}, "frequency_penalty"),
     ("/v1/chat/completions", {**CHAT, "store": True}, "store"),
     ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
     ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
@@ -93,12 +100,14 @@ REFUSED_OPENAI = [
     ("/v1/chat/completions", {**CHAT, "messages": USER + [{"role": "assistant", "content": "x",
                                                            "function_call": {"name": "f"}}]},
      "messages[1].function_call"),
-    ("/v1/completions", {**COMPLETION, "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": True}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 2, "echo": True}, "echo"),
     ("/v1/completions", {**COMPLETION, "best_of": 3}, "best_of"),
     ("/v1/completions", {**COMPLETION, "suffix": "and so on"}, "suffix"),
     ("/v1/completions", {**COMPLETION, "echo": "true"}, "echo"),
     ("/v1/completions", {**COMPLETION, "messages": USER}, "messages"),
-    ("/v1/completions", {**COMPLETION, "presence_penalty": 1}, "presence_penalty"),
+    ("/v1/completions", {**COMPLETION, "presence_penalty": -3}, "presence_penalty"),
 ]
 REFUSED_ANTHROPIC = [
     ("/v1/messages", {**MESSAGES, "temprature": 0.5}, "temprature"),
@@ -185,7 +194,7 @@ NOOPS_OPENAI = [{"logprobs": False}, {"presence_penalty": 0, "frequency_penalty"
                 {"response_format": {"type": "text"}}, {"store": False}, {"modalities": ["text"]},
                 {"user": "u-1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "p"},
                 {"parallel_tool_calls": True}, {"service_tier": "auto"}, {"top_k": 5},
-                {"n": 1, "stream_options": None}, {"tool_choice": "none"}]
+                {"n": 1, "stream_options": None}, {"tool_choice": "none"}, {"return_tokens_as_token_ids": False}]
 
 
 @pytest.mark.parametrize("extra", NOOPS_OPENAI, ids=[",".join(e) for e in NOOPS_OPENAI])

@@ -264,9 +264,10 @@ def _tool_use(call: ToolCallEnd) -> dict[str, Any]:
     return {"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
 
 
-async def reply_whole(reply: Reply, job: Prepared) -> dict[str, Any]:
+async def reply_whole(replies: list[Reply], job: Prepared) -> dict[str, Any]:
     """A whole `message`: a thinking block (a thinking model's reasoning), a text block (unless the reply
     is only tool calls) and tool_use blocks."""
+    reply, = replies  # Anthropic's API has one choice
     reasoning, content, calls = await reply.collect()
     blocks = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
     blocks += ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(c) for c in calls]
@@ -275,8 +276,9 @@ async def reply_whole(reply: Reply, job: Prepared) -> dict[str, Any]:
             "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}}
 
 
-async def reply_stream(reply: Reply, job: Prepared):
+async def reply_stream(replies: list[Reply], job: Prepared):
     """Anthropic's events; a tool call arrives whole: block start, one input delta, block stop."""
+    reply, = replies  # Anthropic's API has one choice
     yield sse({"type": "message_start", "message": {
         **job.info, "type": "message", "role": "assistant", "content": [], "stop_reason": None,
         "stop_sequence": None, "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": 0}}}, "message_start")

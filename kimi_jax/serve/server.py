@@ -67,7 +67,8 @@ class Server:
             raise bad("messages", str(e)) from None
 
     def request(self, prompt: Sequence[int], max_tokens: int | None, temperature: float, top_p: float,
-                top_k: int = 0, seed: int | None = None) -> Request:
+                top_k: int = 0, seed: int | None = None, presence_penalty: float = 0.0,
+                frequency_penalty: float = 0.0, logit_bias: tuple[tuple[int, float], ...] = ()) -> Request:
         """A generation.Request; the prompt + max_tokens must fit the context (else 400).
         Without a seed a sampled request draws a fresh one."""
         room = self.max_context - len(prompt)
@@ -84,7 +85,8 @@ class Server:
         if seed is None:
             seed = secrets.randbits(32) if temperature > 0 else 0
         try:
-            sampling = SamplingParams(float(temperature), float(top_p), int(top_k), int(seed))
+            sampling = SamplingParams(float(temperature), float(top_p), int(top_k), int(seed), float(presence_penalty),
+                                      float(frequency_penalty), logit_bias)
         except ValueError as e:  # the routes' range checks keep this from happening
             raise APIError(400, str(e)) from None
         return Request(tuple(prompt), int(max_tokens), sampling, tuple(self.tokenizer.stop_ids))

@@ -53,23 +53,43 @@ class Prepared:
     reasoning: bool = False  # a thinking model's reasoning comes apart from the reply (ReasoningDelta)
     parallel_tool_calls: bool = True  # False: the reply ends after its first tool call
     echo: str = ""  # /v1/completions `echo`: the prompt's text, which the reply's text follows
+    n: int = 1  # choices, sampled from one prefill of the prompt (`choices`)
+    top_logprobs: int | None = None  # None: no log probabilities; k: each token's and its top k
+    token_ids: bool = False  # log probabilities name tokens `token_id:ID` (vLLM's return_tokens_as_token_ids)
+
+    def choices(self) -> list[Request]:
+        """The request of each of the `n` choices: choice i samples with seed (seed + i) mod 2**32, so
+        that `n` choices with seed s are the single requests with seeds s, s + 1, …, s + n − 1."""
+        sampling = self.request.sampling
+        return [dataclasses.replace(self.request, logprobs=self.top_logprobs is not None,
+                                    sampling=dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**32))
+                for i in range(self.n)]
 
 
 Prepare = Callable[[dict[str, Any], Server], Prepared]
-Whole = Callable[["Reply", Prepared], Awaitable[dict[str, Any]]]
-Stream = Callable[["Reply", Prepared], AsyncIterator[str]]
+Whole = Callable[[list["Reply"], Prepared], Awaitable[dict[str, Any]]]
+Stream = Callable[[list["Reply"], Prepared], AsyncIterator[str]]
 
 
 async def handle(http: HTTPRequest, server: Server, prepare: Prepare, whole: Whole, stream: Stream) -> Response:
     """The one route skeleton: parse the body, check the model, let the route validate and build its
-    request, start generating, then answer whole or as a stream."""
+    request, start generating (one Reply per choice, all submitted before any is awaited, so that
+    they share one prefill), then answer whole or as a stream."""
     raw = await read_body(http, server.max_body_bytes)
     job = await run_in_threadpool(_prepare, raw, server, prepare)
-    reply = Reply(server, job)
-    await reply.start(http)
+    replies = [Reply(server, job, request) for request in job.choices()]
+    try:
+        for reply in replies:
+            reply.submit()
+        for reply in replies:
+            await reply.wait_first(http)
+    except BaseException:
+        for reply in replies:
+            reply.close()
+        raise
     if job.stream:
-        return StreamingResponse(_guarded(stream(reply, job), http.url.path), media_type="text/event-stream")
-    return JSONResponse(await unless_disconnected(http, whole(reply, job)))
+        return StreamingResponse(_guarded(stream(replies, job), http.url.path), media_type="text/event-stream")
+    return JSONResponse(await unless_disconnected(http, whole(replies, job)))
 
 
 def _prepare(raw: bytes, server: Server, prepare: Prepare) -> Prepared:
@@ -126,12 +146,17 @@ class Reply:
     `tool_calls` (accepted calls seen).
     """
 
-    def __init__(self, server: Server, job: Prepared):
+    def __init__(self, server: Server, job: Prepared, request: Request | None = None):
         self.scheduler, self.job = server.scheduler, job
-        self.text = Detokenizer(server.tokenizer, job.request.stop_ids, job.stops)
-        self.prompt_tokens, self.completion_tokens, self.tool_calls = len(job.request.prompt), 0, 0
+        self.request = request or job.request  # this choice's
+        self.text = Detokenizer(server.tokenizer, self.request.stop_ids, job.stops)
+        self.prompt_tokens, self.completion_tokens, self.tool_calls = len(self.request.prompt), 0, 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pieces: list[Piece] = []  # read but not yet handed out
+        # (token id, text offset, TokenLogProb) of each token whose text is the reply's (the final stop
+        # token excluded), when the request asks for log probabilities; `_sent` of them handed out.
+        self.logprobs: list[tuple[int, int, Any]] = []
+        self._sent, self._offset = 0, 0
         self._handle = None  # the scheduler's Job
         self._ended = False  # the scheduler will send nothing more
 
@@ -151,16 +176,32 @@ class Reply:
     async def start(self, http: HTTPRequest) -> None:
         """Submit the job and wait for its first tokens, so that a full queue (429), a stopped model
         thread (503) or a failed generation (500) is answered before any response starts."""
+        self.submit()
+        await self.wait_first(http)
+
+    def take_logprobs(self) -> list[tuple[int, int, Any]]:
+        """The log-probability entries not handed out yet (streaming: those since the last call)."""
+        new, self._sent = self.logprobs[self._sent:], len(self.logprobs)
+        return new
+
+    def submit(self) -> None:
+        """Queue the job with the scheduler (429 when the queue is full, 503 when the model thread is gone)."""
         loop = asyncio.get_running_loop()
-        sink = lambda tokens, reason: loop.call_soon_threadsafe(self._queue.put_nowait, (tokens, reason))
+
+        def sink(tokens, reason, logprobs=None):  # on the model thread
+            loop.call_soon_threadsafe(self._queue.put_nowait, (tokens, reason, logprobs))
+
         try:
-            self._handle = self.scheduler.submit(self.job.request, sink)
+            self._handle = self.scheduler.submit(self.request, sink)
         except QueueFull as e:
             raise APIError(429, f"server overloaded: {e}; retry later") from None
         except SchedulerStopped as e:
             raise APIError(503, str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    async def wait_first(self, http: HTTPRequest) -> None:
+        """Wait for the job's first tokens (a failed generation is a 500 before any response starts)."""
         try:
             await unless_disconnected(http, self._read())
         except BaseException:
@@ -175,15 +216,19 @@ class Reply:
 
     async def _read(self) -> None:
         """Wait for the model thread's next delivery and turn it into pieces."""
-        tokens, reason = await self._queue.get()
+        tokens, reason, logprobs = await self._queue.get()
         if reason is not None and reason.startswith("error"):
             self._ended = True
             raise APIError(500, f"generation failed: {reason}")
         if reason is not None:
             self._ended = True
         for i, token in enumerate(tokens):
-            self._pieces.append(self.text.push(token, last=reason is not None and i == len(tokens) - 1))
+            piece = self.text.push(token, last=reason is not None and i == len(tokens) - 1)
+            self._pieces.append(piece)
             self.completion_tokens += 1
+            if logprobs is not None and token not in self.request.stop_ids:
+                self.logprobs.append((token, self._offset, logprobs[i]))
+            self._offset += len(piece.text)
             if self.text.done:
                 break
         if reason is not None and not self.text.done:  # ended without a final token (never expected)
@@ -255,6 +300,41 @@ def _parse(thoughts: ReasoningStreamParser | None, calls: ToolCallStreamParser |
     elif text:
         events.append(ContentDelta(text))
     return events
+
+
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The items of several async iterators (the `n` choices' chunks) as each comes; an error in one
+    ends them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put((item, None))
+        except Exception as e:  # handed to the reader, which raises it
+            await queue.put((None, e))
+        finally:
+            await queue.put((done, None))
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def sse(data: Any, event: str | None = None) -> str:
