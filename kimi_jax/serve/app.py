@@ -3,6 +3,7 @@
     GET  /health                 liveness (never needs the key)
     GET  /metrics                Prometheus text: requests, tokens, queue depth, occupancy, TTFT, tokens/s
     GET  /v1/models              the served model name
+    GET  /openapi.json           the OpenAPI 3.1 document: each body's fields as a JSON Schema
     POST /v1/chat/completions    OpenAI chat (tools, streaming)           kimi_jax/serve/openai.py
     POST /v1/completions         OpenAI raw-prompt completions            kimi_jax/serve/openai.py
     POST /v1/messages            Anthropic messages (tools, streaming)    kimi_jax/serve/anthropic.py
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from kimi_jax.serve import anthropic, openai
+from kimi_jax.serve import anthropic, openai, openapi
 from kimi_jax.serve.errors import APIError, clip, error_response
 from kimi_jax.serve.metrics import MEDIA_TYPE, prometheus_text
 from kimi_jax.serve.server import Server
@@ -70,6 +71,10 @@ def create_app(server: Server) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": server.served_model_name, "object": "model",
                                             "created": server.created, "owned_by": "kimi_jax"}]}
+
+    @app.get("/openapi.json")
+    async def openapi_document():
+        return openapi.document(server.served_model_name)
 
     openai.add_routes(app, server)
     anthropic.add_routes(app, server)
