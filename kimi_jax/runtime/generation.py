@@ -228,10 +228,17 @@ def _rows(requests: list[Request], batch: int, n_stop: int | None = None, n_bias
                 col(lambda r: r.sampling.frequency_penalty, np.float32, 0.0), bias_ids, bias)
 
 
-def _next(logits: jax.Array, state: DecodeState, rows: Rows) -> jax.Array:
-    """The next token of each row [B]: its logits adjusted (bias, penalties), then sampled."""
-    adjusted = adjust_logits(logits, rows.presence, rows.frequency, rows.bias_ids, rows.bias, state.counts)
-    return sample(adjusted, rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
+def _next(logits: jax.Array, state: DecodeState, rows: Rows, adjust: bool) -> jax.Array:
+    """The next token of each row [B]: its logits adjusted (bias, penalties) if `adjust` (static: some
+    request in the batch has them), then sampled."""
+    if adjust:
+        logits = adjust_logits(logits, rows.presence, rows.frequency, rows.bias_ids, rows.bias, state.counts)
+    return sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
+
+
+def adjusts(requests: Sequence[Request]) -> bool:
+    """Whether any of `requests` has a logit_bias or a penalty (the `adjust` flag of prefill and decode)."""
+    return any(r.sampling.adjusts for r in requests)
 
 
 def _advance(state: DecodeState, nxt: jax.Array, rows: Rows) -> tuple[DecodeState, jax.Array]:
@@ -268,9 +275,9 @@ class Generator:
         self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype, layout=layout)
         self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
         self.traces: collections.Counter = collections.Counter()  # compilations per function (tests)
-        self._prefill = jax.jit(self._prefill_impl)
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(6,))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6), donate_argnums=(1,))
         self.first_logprobs = jax.jit(token_logprobs, static_argnums=(2,))  # of prefill's logits and tokens
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
 
@@ -282,7 +289,7 @@ class Generator:
         _, batch, length, _ = next(iter(cache.values())).latent.shape
         return jax.lax.with_sharding_constraint(cache, self.layout.cache_shardings(self.cfg, batch, length))
 
-    def _prefill_impl(self, params, tokens, lengths, gather, row_lengths, rows: Rows):
+    def _prefill_impl(self, params, tokens, lengths, gather, row_lengths, rows: Rows, adjust: bool):
         """tokens [U, T] right-padded, lengths [U] -> (last logits [B, V], T-slot cache [B rows], state,
         first tokens [B]). Row i of the batch continues prompt gather[i] (None: row i, U = B): requests
         with the same prompt share its prefill and sample their first tokens each with its own settings."""
@@ -300,7 +307,7 @@ class Generator:
         # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
         start = DecodeState(jnp.zeros(b, jnp.int32), row_lengths - 1, jnp.zeros(b, jnp.int32), row_lengths == 0,
                             jnp.zeros((b, self.cfg.vocab_size), jnp.int32))
-        first = _next(logits, start, rows)
+        first = _next(logits, start, rows, adjust)
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         return logits, cache, state, emitted
 
@@ -318,7 +325,8 @@ class Generator:
         logits, cache = self._absorbed.apply({"params": params}, tokens[:, None], positions[:, None], cache)
         return logits[:, 0], cache
 
-    def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, logprobs: int | None):
+    def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, logprobs: int | None,
+                     adjust: bool):
         """Up to `steps` decode steps -> (cache, state, tokens [steps, B] (−1 where nothing was made),
         log probabilities [steps, B] with the top `logprobs` (None: not computed))."""
         self.traces["decode"] += 1
@@ -334,7 +342,7 @@ class Generator:
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
             logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],
                                                  cache)
-            nxt = _next(logits[:, 0], state, rows)
+            nxt = _next(logits[:, 0], state, rows, adjust)
             if logprobs is not None:
                 lps = jax.tree.map(lambda all_, one: all_.at[i].set(one), lps,
                                    token_logprobs(logits[:, 0], nxt, logprobs))
@@ -370,7 +378,7 @@ class Generator:
         shared = len(prompts) < len(requests)
         rows = jax.device_put(_rows(requests, b))  # sent once, reused by every decode call
         logits, small, state, first = self._prefill(self.params, tokens, lengths, gather if shared else None,
-                                                    row_lengths, rows)
+                                                    row_lengths, rows, adjusts(requests))
         return logits, small, state, rows, first
 
     def prefill(self, requests: list[Request]):
@@ -381,11 +389,13 @@ class Generator:
         s = min(length_bucket(need, 64), self.cfg.max_position_embeddings)
         return logits, self._place(small, max(s, t)), state, rows, first
 
-    def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None, logprobs: int | None = None):
+    def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None, logprobs: int | None = None,
+               adjust: bool = False):
         """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B] (−1 = none),
         LogProbs [steps, B] with the top `logprobs` alternatives, or None when `logprobs` is None).
-        The cache is donated: use the returned one."""
-        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call, logprobs)
+        `adjust`: apply the rows' logit_bias and penalties (some row has them). The cache is donated:
+        use the returned one."""
+        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call, logprobs, adjust)
 
     def stream(self, requests: list[Request]) -> Iterator[list[list[int]]]:
         """Yield, per compiled call, each request's new tokens (possibly none); the last one ends with its stop."""
@@ -394,7 +404,8 @@ class Generator:
         yield [[int(emitted[i])] for i in range(len(requests))]
         done = np.asarray(state.done)
         while not done[:len(requests)].all():
-            cache, state, out, _ = self._decode(self.params, cache, state, rows, self.steps_per_call, None)
+            cache, state, out, _ = self._decode(self.params, cache, state, rows, self.steps_per_call, None,
+                                                adjusts(requests))
             out = np.asarray(out)  # blocks on each call: never queue work behind pending collectives
             done = np.asarray(state.done)
             yield [[int(x) for x in out[:, i] if x >= 0] for i in range(len(requests))]

@@ -71,6 +71,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether `adjust_logits` changes this request's logits (a logit_bias or a penalty)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 def keep_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """The smallest kept value of `scaled` [B, V] per row under top-k then top-p -> [B].
@@ -111,18 +116,16 @@ def adjust_logits(logits: jax.Array, presence: jax.Array, frequency: jax.Array, 
     """Logits [B, V] (float32) with each row's logit_bias and penalties applied (module docstring).
 
     presence, frequency [B]; bias_ids [B, n] (−1 = unused) and bias [B, n]; counts [B, V] int32.
-    The penalties' pass over [B, V] runs only when a row has one.
+    The caller decides, from the batch's requests, whether to call it at all (`SamplingParams.adjusts`):
+    a batch with no bias and no penalty skips it at trace time, which a runtime `lax.cond` would not
+    do for free (BENCHMARKS.md, Sampling extras).
     """
     logits = logits.astype(jnp.float32)
     b, v = logits.shape
     ids = jnp.where(bias_ids >= 0, bias_ids, v)  # out of range: dropped by the scatter
     logits = logits.at[jnp.arange(b)[:, None], ids].add(bias, mode="drop")
-
-    def penalise():
-        c = counts.astype(jnp.float32)
-        return logits - frequency[:, None] * c - presence[:, None] * (c > 0)
-
-    return jax.lax.cond(jnp.any((presence != 0) | (frequency != 0)), penalise, lambda: logits)
+    c = counts.astype(jnp.float32)
+    return logits - frequency[:, None] * c - presence[:, None] * (c > 0)
 
 
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:

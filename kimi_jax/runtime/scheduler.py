@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model.decoder import init_cache
-from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows
+from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
@@ -267,9 +267,11 @@ class Scheduler:
         if self._rows_device is None:
             self._rows_device = jax.device_put(self._rows)
         active = self.active
-        wants = any(j is not None and j.request.logprobs for j in self._slots)
+        jobs = [j.request for j in self._slots if j is not None]
+        wants = any(r.logprobs for r in jobs)
         self._cache, state, out, logprobs = self.generator.decode(
-            self._cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None)
+            self._cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
+            adjusts(jobs))
         out = np.asarray(out)  # (steps, B); blocks on the call
         logprobs = None if logprobs is None else jax.tree.map(np.asarray, logprobs)
         # writable host copies, but the token counts stay on device
