@@ -279,7 +279,7 @@ async def _chat_choice(reply: Reply, job: Prepared, index: int, tokenizer):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     yield choice({"role": "assistant", "content": ""})
-    async for event in reply.events():
+    async for event in reply.events(incremental=True):  # arguments streamed as generated, as vLLM does
         if isinstance(event, ReasoningDelta):
             yield choice({"reasoning_content": event.text})
         elif isinstance(event, ContentDelta):

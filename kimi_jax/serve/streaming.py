@@ -251,13 +251,14 @@ class Reply:
         finally:
             self.close()
 
-    async def events(self) -> AsyncIterator[ReasoningDelta | ToolCallEvent]:
+    async def events(self, incremental: bool = False) -> AsyncIterator[ReasoningDelta | ToolCallEvent]:
         """The reply as events: the one driver of the reasoning and tool-call parsers for every route.
 
         ReasoningDelta only with `job.reasoning`, tool-call events only with `job.use_tools` (else the
-        reply is ContentDelta alone)."""
+        reply is ContentDelta alone). `incremental`: a tool call's arguments come as they are generated
+        (text/tool_calls.py), not whole at its end."""
         thoughts = ReasoningStreamParser() if self.job.reasoning else None
-        calls = ToolCallStreamParser() if self.job.use_tools else None
+        calls = ToolCallStreamParser(incremental) if self.job.use_tools else None
         async for text in self._deliveries():
             for event in _parse(thoughts, calls, text, final=False):
                 self.tool_calls += isinstance(event, ToolCallEnd)
