@@ -138,7 +138,9 @@ async def unless_disconnected(http: HTTPRequest, awaitable: Awaitable[Any], poll
 class Reply:
     """One request's generation, read from the event loop.
 
-    `start` submits the job and waits for its first tokens; `events` then yields the reply as
+    `submit` queues the job and `wait_first` waits for its first tokens, so that a full queue (429), a
+    stopped model thread (503) or a failed generation (500) is answered before any response starts
+    (`handle` submits every choice before it waits for any); `events` then yields the reply as
     tool-call events (only ContentDelta without tools), and `collect` gathers them whole. Leaving
     early (client gone, task cancelled, a stop string seen) cancels the job, which frees its slot
     before the next decode call. After the last event: `finish_reason` ("stop" | "length"),
@@ -172,12 +174,6 @@ class Reply:
         """OpenAI's `usage` (the generated tokens include a final stop token)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    async def start(self, http: HTTPRequest) -> None:
-        """Submit the job and wait for its first tokens, so that a full queue (429), a stopped model
-        thread (503) or a failed generation (500) is answered before any response starts."""
-        self.submit()
-        await self.wait_first(http)
 
     def take_logprobs(self) -> list[tuple[int, int, Any]]:
         """The log-probability entries not handed out yet (streaming: those since the last call)."""
