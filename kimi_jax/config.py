@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,25 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config.json value the engine cannot run, with the field named."""
+
+
+def _check_value(field: str, value: Any, kind: type, lo: float | None, optional: bool = False) -> None:
+    """`value` of config field `field` is a `kind` (int: an integer, never a boolean; float: a finite
+    number; bool: a boolean) and, if `lo` is given, > lo for floats or ≥ lo for integers."""
+    if value is None and optional:
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+        want = "a boolean (true or false)"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (lo is None or value >= lo)
+        want = "an integer" + ("" if lo is None else f" ≥ {lo}")
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+            lo is None or value > lo)
+        want = "a finite number" + ("" if lo is None else f" > {lo}")
+    if not ok:
+        raise ConfigError(f"config field '{field}' must be {want}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +51,15 @@ class YarnRope:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        for field, (kind, lo) in _ROPE_TYPES.items():
+            _check_value(f"rope_scaling.{field}", getattr(self, field), kind, lo)
+
+
+_ROPE_TYPES: dict[str, tuple[type, float | None]] = {  # field -> (type, lower bound)
+    "factor": (float, 0), "original_max_position_embeddings": (int, 1), "beta_fast": (float, None),
+    "beta_slow": (float, None), "mscale": (float, None), "mscale_all_dim": (float, None)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +135,8 @@ class Config:
     weights_prefix: str = ""
 
     def __post_init__(self):
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "q_lora_rank",
-                    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-                    "max_position_embeddings")
-        for field in positive:
-            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
-                raise ConfigError(f"config field '{field}' must be a positive integer, got {getattr(self, field)!r}")
+        for field, (kind, lo) in _FIELD_TYPES.items():
+            _check_value(field, getattr(self, field), kind, lo, optional=field in _OPTIONAL)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"config field 'qk_rope_head_dim' must be even (rotary pairs), "
                               f"got {self.qk_rope_head_dim}")
@@ -204,6 +228,20 @@ class Config:
         return cls.from_hf_dict(d, name=path.parent.name or "custom")
 
 
+# Every numeric and boolean field: (type, lower bound: ≥ for integers, > for floats). A boolean is not
+# an integer (`num_experts_per_tok: true` is refused, not read as 1), a string is not a number.
+_FIELD_TYPES: dict[str, tuple[type, float | None]] = {
+    **{f: (int, 1) for f in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                             "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                             "num_experts_per_tok", "n_shared_experts", "n_group", "topk_group",
+                             "max_position_embeddings")},
+    "first_k_dense_replace": (int, 0), "bos_token_id": (int, 0), "eos_token_id": (int, 0),
+    "norm_topk_prob": (bool, None), "routed_scaling_factor": (float, 0), "rms_norm_eps": (float, 0),
+    "rope_theta": (float, 0),
+}
+_OPTIONAL = ("bos_token_id", "eos_token_id")
+
 K25_PREFIX = "language_model."  # Kimi-K2.5/K2.6 text-model weights: language_model.model.layers...
 
 # Values the engine implements exactly one way; anything else is refused by name.
@@ -235,10 +273,15 @@ def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
     for field, want in _REQUIRED.items():
         if field in d and d[field] != want:
             raise ConfigError(f"config field '{field}'={d[field]!r} is not supported (the engine implements {want!r})")
-    if d.get("q_lora_rank") is None:
+    if d.get("q_lora_rank") is None and "q_lora_rank" in d:
         raise ConfigError("config field 'q_lora_rank' is null: the engine implements MLA with a query LoRA "
                           "(q_a_proj/q_b_proj) as Kimi-K2 and DeepSeek-V3 use")
+    for field, (kind, lo) in _FIELD_TYPES.items():  # before any comparison, so that the culprit is named
+        if d.get(field) is not None:
+            _check_value(field, d[field], kind, lo)
     heads = d.get("num_attention_heads")
+    if d.get("num_key_value_heads") is not None:
+        _check_value("num_key_value_heads", d["num_key_value_heads"], int, 1)
     if d.get("num_key_value_heads", heads) != heads:
         raise ConfigError(f"config field 'num_key_value_heads'={d['num_key_value_heads']} must equal "
                           f"num_attention_heads={heads} under MLA")
@@ -259,8 +302,8 @@ def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
         n_shared_experts=d["n_shared_experts"],
         n_group=d.get("n_group") or 1,
         topk_group=d.get("topk_group") or 1,
-        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=d.get("norm_topk_prob", True),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),  # types checked above
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=float(d.get("rope_theta", 10000.0)),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
@@ -286,6 +329,11 @@ def _parse_hf(d: dict[str, Any]) -> dict[str, Any]:
 def _parse_rope(r: dict[str, Any] | None) -> YarnRope | None:
     if r is None:
         return None
+    if not isinstance(r, dict):
+        raise ConfigError(f"config field 'rope_scaling' must be an object, got {r!r}")
+    for field, (kind, lo) in _ROPE_TYPES.items():  # HF's falsy-means-default below must not hide a string
+        if r.get(field) is not None:
+            _check_value(f"rope_scaling.{field}", r[field], kind, lo if r[field] else None)
     kind = r.get("type", r.get("rope_type"))
     if kind in (None, "default"):
         return None
@@ -294,8 +342,8 @@ def _parse_rope(r: dict[str, Any] | None) -> YarnRope | None:
     defaults = YarnRope()
     return YarnRope(
         factor=float(r.get("factor", defaults.factor)),
-        original_max_position_embeddings=int(r.get("original_max_position_embeddings",
-                                                   defaults.original_max_position_embeddings)),
+        original_max_position_embeddings=r.get("original_max_position_embeddings",
+                                               defaults.original_max_position_embeddings),
         # Hugging Face treats a falsy beta as its default (32 / 1); so do we.
         beta_fast=float(r.get("beta_fast") or 32.0),
         beta_slow=float(r.get("beta_slow") or 1.0),

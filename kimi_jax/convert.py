@@ -11,11 +11,13 @@ import sys
 import time
 
 from kimi_jax.checkpoint.convert import convert
+from kimi_jax.runtime import flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kimi_jax.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", required=True, metavar="HF_DIR", help="Hugging Face checkpoint directory")
+    p.add_argument("--hf", required=True, metavar="HF_DIR", type=flags.directory("Hugging Face checkpoint directory"),
+                   help="Hugging Face checkpoint directory")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the orbax checkpoint")
     p.add_argument("--quantize", choices=("keep", "fp8"), default="keep",
                    help="keep the source's dtypes (default), or quantize a bf16 checkpoint to block-fp8")

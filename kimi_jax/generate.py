@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from kimi_jax.runtime import distributed
+from kimi_jax.runtime import distributed, flags
 from kimi_jax.runtime.default_model import CARD_WEATHER_TOOL, load_checkpoint_or_default
 from kimi_jax.text.tool_calls import parse_tool_calls
 
@@ -33,7 +33,7 @@ examples:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kimi_jax.generate", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", metavar="PATH",
+    p.add_argument("--checkpoint", metavar="PATH", type=flags.directory("checkpoint directory"),
                    help="Hugging Face checkpoint directory (config.json, safetensors shards, tiktoken.model); "
                         "default: the embedded tiny chat model")
     src = p.add_mutually_exclusive_group()
@@ -41,13 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--chat", metavar="TEXT", help="one user turn, formatted with the chat template; "
                                                     "generation stops at the end of the assistant turn")
     src.add_argument("--prompt-ids", metavar="IDS", help='token ids to continue, e.g. "1 2 3"')
-    p.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
+    p.add_argument("--max-new-tokens", type=flags.integer(1), default=96, metavar="N",
                    help="at most N new tokens (per assistant turn; default 96)")
-    p.add_argument("--temperature", type=float, default=None, metavar="T",
+    p.add_argument("--temperature", type=flags.real(0), default=None, metavar="T",
                    help="0 = greedy; default 0.6 (the model card's), or 0 for the demo (no prompt given)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-p", type=flags.real(0, 1, open_lo=True), default=1.0, metavar="P",
+                   help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=flags.integer(0), default=0, metavar="K",
+                   help="keep the K most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=flags.SEED, default=0, help="sampling seed (default 0)")
     p.add_argument("--mesh", metavar="SPEC",
                    help="device mesh to shard over, e.g. 'data=1,expert=4,tensor=2' (sizes multiply to the devices)")
     p.add_argument("--dtype", help="compute dtype: bfloat16 (the default with --checkpoint) or float32 (the "

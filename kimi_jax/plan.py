@@ -15,6 +15,7 @@ import json
 import sys
 
 from kimi_jax.config import get_config
+from kimi_jax.runtime import flags
 from kimi_jax.runtime.plan import HARDWARE, PREFILL_TOKENS, plan, use_cpu_devices
 from kimi_jax.runtime.targets import TargetError, known_targets, parse_target
 from sharding import MeshError, check, mesh_size
@@ -24,8 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kimi_jax.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config.json (file or checkpoint directory) or a preset name")
     p.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=1,expert=64,tensor=4")
-    p.add_argument("--batch", type=int, required=True, help="decode batch (sequences)")
-    p.add_argument("--context", type=int, required=True, help="KV-cache length per sequence (tokens)")
+    p.add_argument("--batch", type=flags.integer(1), required=True, help="decode batch (sequences)")
+    p.add_argument("--context", type=flags.integer(1), required=True, help="KV-cache length per sequence (tokens)")
     p.add_argument("--target", default="cpu", metavar="T",
                    help="what to compile for: cpu (virtual CPU devices, default) or a TPU slice, compiled by "
                         f"the TPU compiler without a TPU: {', '.join(t for t in known_targets() if t != 'cpu')}")
@@ -33,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the chip to judge memory and the roofline against (default: the target's chip)")
     p.add_argument("--no-cost", action="store_true", help="skip the per-step cost accounting (fewer compiles)")
     p.add_argument("--rules", default="default", help="rules table: default, dp_attention or replicated_experts")
-    p.add_argument("--prefill-batch", type=int, help="sequences per prefill step (default: one per batch shard)")
-    p.add_argument("--prefill-chunk", type=int,
+    p.add_argument("--prefill-batch", type=flags.integer(1),
+                   help="sequences per prefill step (default: one per batch shard)")
+    p.add_argument("--prefill-chunk", type=flags.integer(1),
                    help=f"tokens per sequence per prefill step (default: {PREFILL_TOKENS} per expert group)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)

@@ -4,10 +4,11 @@ SCRIPTED REPLIES (test-only): most serving tests check the server's handling of 
 model's sampled tokens do not give. `ScriptedGenerator` wraps the real Generator and is what the
 scheduler runs: for a prompt that `weather_script` recognises, the tokens handed to the scheduler are
 the script's instead of the model's. It forces Kimi's native tool-call tokens for a prompt that declares
-the `get_weather` tool and holds no tool result yet, a short answer for a prompt holding a `## Return of`
-tool result, and 400 tokens with no stop for a prompt holding `LONG_TALK` (the trained model ends its
-replies itself). Every other prompt gets the model's own tokens. A scripted request still takes a slot,
-prefills and decodes with the others, and its reply is cut at the request's max_tokens like a model's.
+the `get_weather` tool and holds no tool result yet (two calls when it asks about TWO_CITIES), a short
+answer for a prompt holding a `## Return of` tool result, and 400 tokens with no stop for a prompt holding
+`LONG_TALK` (the trained model ends its replies itself). Every other prompt gets the model's own tokens.
+A scripted request still takes a slot, prefills and decodes with the others, and its reply is cut at the
+request's max_tokens like a model's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from kimi_jax.serve.cli import LiveServer  # noqa: F401  (re-exported for the te
 
 WEATHER_CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
                 '{"city": "Beijing"}<|tool_call_end|><|tool_calls_section_end|>')
+TWO_CALLS = WEATHER_CALL.replace("<|tool_calls_section_end|>", "") + (
+    '<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
+    '<|tool_calls_section_end|>')
+TWO_CITIES = "Beijing and Paris"  # a weather question the script answers with two calls (TWO_CALLS)
 WEATHER_ANSWER = "It is sunny in Beijing."
 LONG_TALK = "talk for a long time"  # a prompt the script answers with 400 tokens that never stop
 
@@ -76,7 +81,7 @@ def weather_script(tokenizer):
             return tokenizer.encode("la " * 400)[:400]
         if "get_weather" not in text:
             return None
-        answer = WEATHER_ANSWER if "## Return of" in text else WEATHER_CALL
+        answer = WEATHER_ANSWER if "## Return of" in text else TWO_CALLS if TWO_CITIES in text else WEATHER_CALL
         return tokenizer.encode_with_special(answer) + [tokenizer.im_end_id]
 
     return script
@@ -120,13 +125,13 @@ class ScriptedGenerator:
             self._slots.pop(slot, None)
         return self.generator.insert(cache, small, row, slot)
 
-    def decode(self, cache, state, rows, steps=None):
+    def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False):
         if self._slots:
             slots = np.array(list(self._slots))
             lengths = np.array([len(tokens) for tokens, _ in self._slots.values()], np.int32)
             rows = rows._replace(stop_ids=jnp.asarray(rows.stop_ids).at[slots].set(-1),
                                  max_new=jnp.asarray(rows.max_new).at[slots].set(lengths))
-        cache, state, out = self.generator.decode(cache, state, rows, steps)
+        cache, state, out, lps = self.generator.decode(cache, state, rows, steps, logprobs, adjust)
         out = np.array(out)  # (steps, B)
         for slot, entry in self._slots.items():
             tokens, given = entry
@@ -134,7 +139,7 @@ class ScriptedGenerator:
                 out[step, slot] = tokens[min(given, len(tokens) - 1)]
                 given += 1
             entry[1] = given
-        return cache, state, out
+        return cache, state, out, lps
 
 
 def metrics(url: str) -> dict[str, float]:

@@ -102,6 +102,9 @@ def test_unsupported_config_value(checkpoint):
 def test_no_such_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         kimi_jax.load(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")  # a file is not "missing": it is the wrong thing
+    with pytest.raises(FileNotFoundError, match="config.json is a file; pass the checkpoint directory"):
+        kimi_jax.load(tmp_path / "config.json")
 
 
 def test_bad_token_ids_and_context(checkpoint):

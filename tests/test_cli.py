@@ -96,7 +96,6 @@ def test_checkpoint_json_matches_transformers(env, hub_checkpoint):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "/no/such/checkpoint"], "checkpoint directory /no/such/checkpoint does not exist"),
     (["--prompt-ids", "1 2 3", "--max-new-tokens", "5000"], "over the model's context of 4096"),
     (["--prompt-ids", "1 two"], "--prompt-ids must be integers"),
 ])

@@ -161,7 +161,7 @@ def test_cli_progress(hub_checkpoint, tmp_path):
     with contextlib.redirect_stderr(err):
         assert main(["--hf", str(hf), "--out", str(tmp_path / "o")]) == 0
     assert "MB/s" in err.getvalue() and "ETA" in err.getvalue() and "100.0%" in err.getvalue()
-    with contextlib.redirect_stderr(io.StringIO()) as err2:
-        assert main(["--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 1
-    assert "config.json" in err2.getvalue()
+    with contextlib.redirect_stderr(io.StringIO()) as err2, pytest.raises(SystemExit) as exit_:
+        main(["--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])  # argparse: one line, exit 2
+    assert exit_.value.code == 2 and "argument --hf: Hugging Face checkpoint directory" in err2.getvalue()
     assert os.environ.get("JAX_PLATFORMS") == "cpu" and jax.default_backend() == "cpu"

@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.runtime.sampling import SamplingParams, keep_threshold, reference_distribution, sample
+from kimi_jax.runtime.sampling import (
+    SamplingParams,
+    adjust_logits,
+    keep_threshold,
+    reference_distribution,
+    sample,
+    token_logprobs,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -96,6 +103,8 @@ def test_same_seed_same_tokens_whatever_the_batch():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(seed=-1), "seed"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(logit_bias=((3, 101.0),)), "logit_bias"), (dict(logit_bias=((-1, 1.0),)), "logit_bias"),
 ])
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -105,3 +114,31 @@ def test_bad_settings_are_named(kwargs, message):
 def test_default_temperature_is_the_model_cards():
     assert SamplingParams().temperature == 0.6 and not SamplingParams().greedy
     assert SamplingParams(temperature=0).greedy
+
+
+def test_adjust_logits_is_openais_bias_and_penalties():
+    """z[j] + bias[j] − c[j]·frequency − (c[j] > 0)·presence per row, against numpy; unused bias slots (−1)
+    change nothing, and rows without penalties are left alone."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, LOGITS.size)).astype(np.float32)
+    counts = rng.integers(0, 3, size=logits.shape).astype(np.int32)
+    presence, frequency = np.array([0.5, 0.0, -1.0], np.float32), np.array([1.5, 0.0, 0.25], np.float32)
+    ids = np.array([[2, 5, -1], [-1, -1, -1], [0, 11, 3]], np.int32)
+    bias = np.array([[3.0, -100.0, 7.0], [9.0, 9.0, 9.0], [1.0, 2.0, -2.0]], np.float32)
+    got = np.asarray(jax.jit(adjust_logits)(logits, presence, frequency, ids, bias, counts))
+    want = logits.astype(np.float64) - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+    for r in range(3):
+        for token, value in zip(ids[r], bias[r]):
+            if token >= 0:
+                want[r, token] += value
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    assert np.array_equal(got[1], logits[1])
+
+
+def test_token_logprobs_are_the_log_softmax():
+    logits = np.stack([LOGITS, LOGITS[::-1] * 3]).astype(np.float32)
+    out = jax.jit(token_logprobs, static_argnums=2)(logits, np.array([4, 0], np.int32), 3)
+    want = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(out.chosen), want[[0, 1], [4, 0]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.top_ids), np.argsort(-want, axis=-1)[:, :3])
+    np.testing.assert_allclose(np.asarray(out.top), -np.sort(-want, axis=-1)[:, :3], rtol=1e-6)

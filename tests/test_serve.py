@@ -198,7 +198,7 @@ def test_bad_requests_then_healthy(server, client):
     url = f"{server.url}/v1/chat/completions"
     ok = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = [(b"{not json", 400), (json.dumps({**ok, "model": "gpt-4"}), 404),
-             (json.dumps({**ok, "temperature": -1}), 400), (json.dumps({**ok, "n": 2}), 400),
+             (json.dumps({**ok, "temperature": -1}), 400), (json.dumps({**ok, "n": SLOTS + 1}), 400),
              (json.dumps({**ok, "max_tokens": 0}), 400), (json.dumps({**ok, "messages": []}), 400),
              (json.dumps({**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400),
              (json.dumps({**ok, "messages": [{"role": "user", "content": "word " * 600}]}), 400),

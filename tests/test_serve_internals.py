@@ -258,3 +258,21 @@ def test_earlier_reasoning_is_given_back_to_the_template(thinking_tok):
     bad = {**CHAT, "messages": [{"role": "assistant", "content": "x", "reasoning_content": 5}]}
     r = client.post("/v1/chat/completions", json=bad)
     assert r.status_code == 400 and "messages[0].reasoning_content: must be a string" in r.json()["error"]["message"]
+
+
+def test_tool_call_arguments_stream_as_generated(tok):
+    """Streamed chat: a call's arguments arrive in several deltas (the fake scheduler delivers 3 tokens at
+    a time), before its end marker; they join to the arguments of the whole reply."""
+    args = '{"city": "Beijing", "unit": "celsius", "days": 3}'
+    text = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            + args + "<|tool_call_end|><|tool_calls_section_end|>")
+    client, _ = _client(tok, text)
+    body = {**CHAT, "tools": TOOLS}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert whole["message"]["tool_calls"][0]["function"]["arguments"] == args
+    r = client.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    deltas = [c["function"].get("arguments", "") for chunk in chunks for c in chunk["choices"][0]["delta"].get(
+        "tool_calls") or ()]
+    assert deltas[0] == "" and len([d for d in deltas if d]) > 3 and "".join(deltas) == args
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

@@ -189,3 +189,54 @@ def test_parses_what_the_chat_template_renders():
     assert content == "Sure."
     assert [json.loads(c["function"]["arguments"]) for c in parsed] == [{"city": "北京"}, {"q": "x"}]
     assert [(c["id"], c["function"]["name"]) for c in parsed] == [(c["id"], c["function"]["name"]) for c in calls]
+
+
+def _incremental(text: str, step: int = 1):
+    parser = ToolCallStreamParser(incremental=True)
+    events = []
+    for i in range(0, len(text), step):
+        events += parser.feed(text[i:i + step])
+    return events + parser.finish()
+
+
+WELL_FORMED = [c for c in CASES if c[0] in (
+    "plain_text", "single_call", "content_then_calls", "whitespace_between_calls_and_around_args", "unicode_arguments",
+    "id_without_prefix", "text_after_section", "no_section_end", "two_sections",
+    "stray_text_and_markers_inside_section")]
+
+
+@pytest.mark.parametrize("name, text, content, calls", WELL_FORMED, ids=[c[0] for c in WELL_FORMED])
+def test_incremental_equals_whole_parse_on_valid_calls(name, text, content, calls):
+    for step in (1, 3, len(text)):
+        assert collect_events(_incremental(text, step)) == (content, calls), (name, step)
+
+
+def test_incremental_streams_arguments_as_they_come():
+    """Fed a character at a time, a call starts at its argument marker and its arguments arrive in many
+    deltas, before the call's end marker has been seen; the deltas join to the (stripped) arguments."""
+    args = '{"city": "Beijing", "days": [1, 2, 3]}'
+    text = "Sure." + SB + CB + "functions.get_weather:0" + ARG + "  " + args + " \n" + CE + SE
+    parser = ToolCallStreamParser(incremental=True)
+    seen, end_at = [], None
+    for i, ch in enumerate(text):
+        for event in parser.feed(ch):
+            seen.append((i, event))
+    seen += [(len(text), e) for e in parser.finish()]
+    start = [i for i, e in seen if isinstance(e, ToolCallStart)]
+    deltas = [(i, e.delta) for i, e in seen if isinstance(e, ToolCallArgumentsDelta)]
+    end_at = text.index(CE)
+    assert start and start[0] < end_at and len(deltas) > 10 and all(i < end_at for i, _ in deltas)
+    assert "".join(d for _, d in deltas) == args
+    ends = [e for _, e in seen if isinstance(e, ToolCallEnd)]
+    assert [(e.id, e.name, e.arguments) for e in ends] == [("functions.get_weather:0", "get_weather", args)]
+
+
+def test_incremental_keeps_an_announced_call():
+    """A call announced (valid id, argument marker seen) stays a call even if its arguments turn out
+    malformed or cut off; one with an invalid id is content, as in the whole parse."""
+    bad = SB + raw_call("functions.f:0", '{"a": 1,}') + SE
+    assert collect_events(_incremental(bad)) == (None, [call("f", 0, '{"a": 1,}')])
+    cut = "Hi " + SB + CB + "functions.g:1" + ARG + '{"a": '
+    assert collect_events(_incremental(cut)) == ("Hi ", [call("g", 1, '{"a":')])
+    nameless = SB + raw_call("functions.:0", "{}") + SE
+    assert collect_events(_incremental(nameless)) == parse_tool_calls(nameless)

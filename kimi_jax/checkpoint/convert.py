@@ -132,6 +132,9 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, quantize: str
     on_group: called after each group is written (progress hooks, tests).
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir} is {'a file' if hf_dir.is_file() else 'missing'}: pass the Hugging Face "
+                                "checkpoint directory (the one holding config.json)")
     if (out / MARKER).exists() and not force:
         raise FileExistsError(f"{out} is already a converted checkpoint; pass --force to replace it")
     if out.exists() and not (out / MARKER).exists() and any(out.iterdir()):

@@ -24,6 +24,8 @@ import socket
 import sys
 import time
 
+from kimi_jax.runtime import flags
+
 ENV = {"coordinator_address": "KIMI_COORDINATOR_ADDRESS", "num_processes": "KIMI_NUM_PROCESSES",
        "process_id": "KIMI_PROCESS_ID", "num_cpu_devices": "KIMI_NUM_CPU_DEVICES",
        "init_timeout": "KIMI_INIT_TIMEOUT"}
@@ -50,13 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("multi-host (every process runs the same command)")
     g.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help=f"process 0's address, reachable from every host (env {ENV['coordinator_address']})")
-    g.add_argument("--num-processes", type=int, metavar="N", help=f"processes in all (env {ENV['num_processes']})")
-    g.add_argument("--process-id", type=int, metavar="I", help=f"this process, 0..N-1 (env {ENV['process_id']})")
+    g.add_argument("--num-processes", type=flags.integer(1), metavar="N",
+                   help=f"processes in all (env {ENV['num_processes']})")
+    g.add_argument("--process-id", type=flags.integer(0), metavar="I",
+                   help=f"this process, 0..N-1 (env {ENV['process_id']})")
     g.add_argument("--tpu-pod", action="store_true",
                    help="TPU VM pod: initialize from the TPU metadata (env KIMI_TPU_POD=1; auto-detected)")
-    g.add_argument("--num-cpu-devices", type=int, metavar="K",
+    g.add_argument("--num-cpu-devices", type=flags.integer(1), metavar="K",
                    help=f"CPU devices per process, for local tests (env {ENV['num_cpu_devices']})")
-    g.add_argument("--init-timeout", type=int, metavar="S",
+    g.add_argument("--init-timeout", type=flags.integer(1), metavar="S",
                    help=f"seconds to wait for every process to join (default {DEFAULT_TIMEOUT_S}; "
                         f"env {ENV['init_timeout']})")
 

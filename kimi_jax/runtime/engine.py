@@ -144,6 +144,9 @@ def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = Non
     the devices the model is placed on (`kernels.choose`), which also decides how fp8 is stored.
     """
     path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is a file; pass the checkpoint directory (the one holding "
+                                "config.json)")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = Config.from_json(path)

@@ -35,7 +35,14 @@ from kimi_jax.model.attention import LatentCache
 from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.decoder import Transformer, init_cache
 from kimi_jax.model.layout import UNSHARDED, Layout
-from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
+from kimi_jax.runtime.sampling import (
+    DEFAULT_TEMPERATURE,
+    LogProbs,
+    SamplingParams,
+    adjust_logits,
+    sample,
+    token_logprobs,
+)
 from kimi_jax.text.detokenize import Detokenizer, Piece
 from kimi_jax.text.reasoning import split_reasoning
 from kimi_jax.text.tool_calls import parse_tool_calls
@@ -101,6 +108,7 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams
     stop_ids: tuple[int, ...]
+    logprobs: bool = False  # report each token's log probability (and the top TOP_LOGPROBS)
 
 
 @dataclasses.dataclass
@@ -174,7 +182,7 @@ def make_requests(cfg: Config, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 # Device-side state ------------------------------------------------------------------------------
 class Rows(NamedTuple):
-    """Per-row settings on device, each [B] (stop_ids [B, n], −1 = unused)."""
+    """Per-row settings on device, each [B] (stop_ids and bias_ids [B, n], −1 = unused)."""
 
     temperature: jax.Array
     top_p: jax.Array
@@ -182,6 +190,10 @@ class Rows(NamedTuple):
     seed: jax.Array
     max_new: jax.Array
     stop_ids: jax.Array
+    presence: jax.Array  # presence penalty
+    frequency: jax.Array  # frequency penalty
+    bias_ids: jax.Array  # logit_bias token ids [B, n]
+    bias: jax.Array  # and what is added to their logits [B, n]
 
 
 class DecodeState(NamedTuple):
@@ -191,21 +203,42 @@ class DecodeState(NamedTuple):
     positions: jax.Array
     generated: jax.Array  # tokens generated so far (the sampling step counter)
     done: jax.Array
+    counts: jax.Array  # [B, V] int32: times each token was generated (the penalties' c[j])
 
 
-def _rows(requests: list[Request], batch: int) -> Rows:
-    """Host arrays of the requests' settings, padded to `batch` rows (padding rows are inert)."""
-    n_stop = batch_bucket(max(4, *(len(r.stop_ids) for r in requests)))  # bucketed: few programs
+def _rows(requests: list[Request], batch: int, n_stop: int | None = None, n_bias: int | None = None) -> Rows:
+    """Host arrays of the requests' settings, padded to `batch` rows (padding rows are inert).
+    The stop-id and logit-bias columns are bucketed (few programs) unless given."""
+    n_stop = n_stop or batch_bucket(max(4, *(len(r.stop_ids) for r in requests)))
+    n_bias = n_bias or batch_bucket(max(4, *(len(r.sampling.logit_bias) for r in requests)))
     stop = np.full((batch, n_stop), -1, np.int32)
+    bias_ids, bias = np.full((batch, n_bias), -1, np.int32), np.zeros((batch, n_bias), np.float32)
     for i, r in enumerate(requests):
         stop[i, :len(r.stop_ids)] = r.stop_ids
+        for j, (token, value) in enumerate(r.sampling.logit_bias):
+            bias_ids[i, j], bias[i, j] = token, value
 
     def col(f, dtype, fill):
         return np.array([f(r) for r in requests] + [fill] * (batch - len(requests)), dtype)
 
     return Rows(col(lambda r: r.sampling.temperature, np.float32, 0.0),
                 col(lambda r: r.sampling.top_p, np.float32, 1.0), col(lambda r: r.sampling.top_k, np.int32, 0),
-                col(lambda r: r.sampling.seed, np.uint32, 0), col(lambda r: r.max_new_tokens, np.int32, 1), stop)
+                col(lambda r: r.sampling.seed, np.uint32, 0), col(lambda r: r.max_new_tokens, np.int32, 1), stop,
+                col(lambda r: r.sampling.presence_penalty, np.float32, 0.0),
+                col(lambda r: r.sampling.frequency_penalty, np.float32, 0.0), bias_ids, bias)
+
+
+def _next(logits: jax.Array, state: DecodeState, rows: Rows, adjust: bool) -> jax.Array:
+    """The next token of each row [B]: its logits adjusted (bias, penalties) if `adjust` (static: some
+    request in the batch has them), then sampled."""
+    if adjust:
+        logits = adjust_logits(logits, rows.presence, rows.frequency, rows.bias_ids, rows.bias, state.counts)
+    return sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
+
+
+def adjusts(requests: Sequence[Request]) -> bool:
+    """Whether any of `requests` has a logit_bias or a penalty (the `adjust` flag of prefill and decode)."""
+    return any(r.sampling.adjusts for r in requests)
 
 
 def _advance(state: DecodeState, nxt: jax.Array, rows: Rows) -> tuple[DecodeState, jax.Array]:
@@ -214,7 +247,8 @@ def _advance(state: DecodeState, nxt: jax.Array, rows: Rows) -> tuple[DecodeStat
     generated = state.generated + live
     is_stop = jnp.any(nxt[:, None] == rows.stop_ids, axis=-1)
     done = state.done | is_stop | (generated >= rows.max_new)
-    new = DecodeState(jnp.where(live, nxt, state.tokens), state.positions + live, generated, done)
+    counts = state.counts.at[jnp.arange(nxt.shape[0]), nxt].add(live.astype(state.counts.dtype))
+    new = DecodeState(jnp.where(live, nxt, state.tokens), state.positions + live, generated, done, counts)
     return new, jnp.where(live, nxt, -1)
 
 
@@ -241,9 +275,10 @@ class Generator:
         self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype, layout=layout)
         self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
         self.traces: collections.Counter = collections.Counter()  # compilations per function (tests)
-        self._prefill = jax.jit(self._prefill_impl)
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(6,))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(4,), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6), donate_argnums=(1,))
+        self.first_logprobs = jax.jit(token_logprobs, static_argnums=(2,))  # of prefill's logits and tokens
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
 
     # Compiled pieces (run under jit; Python here runs once per shape bucket) -------------------
@@ -254,19 +289,26 @@ class Generator:
         _, batch, length, _ = next(iter(cache.values())).latent.shape
         return jax.lax.with_sharding_constraint(cache, self.layout.cache_shardings(self.cfg, batch, length))
 
-    def _prefill_impl(self, params, tokens, lengths, rows: Rows):
-        """tokens [B, T] right-padded, lengths [B] -> (last logits [B, V], T-slot cache, state, first tokens)."""
+    def _prefill_impl(self, params, tokens, lengths, gather, row_lengths, rows: Rows, adjust: bool):
+        """tokens [U, T] right-padded, lengths [U] -> (last logits [B, V], T-slot cache [B rows], state,
+        first tokens [B]). Row i of the batch continues prompt gather[i] (None: row i, U = B): requests
+        with the same prompt share its prefill and sample their first tokens each with its own settings."""
         self.traces["prefill"] += 1
-        b, t = tokens.shape
-        positions = jnp.where(jnp.arange(t) < lengths[:, None], jnp.arange(t), -1)  # (B, T)
-        cache = self._place_cache(init_cache(self.cfg, b, t, self.dtype))
+        u, t = tokens.shape
+        positions = jnp.where(jnp.arange(t) < lengths[:, None], jnp.arange(t), -1)  # (U, T)
+        cache = self._place_cache(init_cache(self.cfg, u, t, self.dtype))
         hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
-        last = hidden[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # (B, D): only these need logits
+        last = hidden[jnp.arange(u), jnp.maximum(lengths - 1, 0)]  # (U, D): only these need logits
         logits = self.backend.logits(last, params["lm_head"], self.dtype)
-        first = sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, jnp.zeros(b, jnp.int32))
+        if gather is not None:  # (U, …) -> (B, …)
+            logits = logits[gather]
+            cache = self._place_cache(jax.tree.map(lambda c: jnp.take(c, gather, axis=1), cache))
+        b = row_lengths.shape[0]
         # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
-        start = DecodeState(first, lengths - 1, jnp.zeros(b, jnp.int32), lengths == 0)
-        state, emitted = _advance(start, first, rows)
+        start = DecodeState(jnp.zeros(b, jnp.int32), row_lengths - 1, jnp.zeros(b, jnp.int32), row_lengths == 0,
+                            jnp.zeros((b, self.cfg.vocab_size), jnp.int32))
+        first = _next(logits, start, rows, adjust)
+        state, emitted = _advance(start._replace(tokens=first), first, rows)
         return logits, cache, state, emitted
 
     def _place_impl(self, small: dict[str, LatentCache], length: int):
@@ -283,13 +325,15 @@ class Generator:
         logits, cache = self._absorbed.apply({"params": params}, tokens[:, None], positions[:, None], cache)
         return logits[:, 0], cache
 
-    def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int):
-        """Up to `steps` decode steps -> (cache, state, tokens [steps, B], −1 where nothing was made)."""
+    def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, logprobs: int | None,
+                     adjust: bool):
+        """Up to `steps` decode steps -> (cache, state, tokens [steps, B] (−1 where nothing was made),
+        log probabilities [steps, B] with the top `logprobs` (None: not computed))."""
         self.traces["decode"] += 1
         b = state.tokens.shape[0]
 
         def body(carry):
-            i, cache, state, out = carry
+            i, cache, state, out, lps = carry
             # Tie the weights to the step so that XLA cannot hoist their conversions out of the loop:
             # hoisted, each call would materialise converted copies of the weights (fp8 dequantized,
             # and on CPU every bf16 weight upcast to f32, embedding table included). Measured on the
@@ -298,30 +342,43 @@ class Generator:
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
             logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],
                                                  cache)
-            nxt = sample(logits[:, 0], rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
+            nxt = _next(logits[:, 0], state, rows, adjust)
+            if logprobs is not None:
+                lps = jax.tree.map(lambda all_, one: all_.at[i].set(one), lps,
+                                   token_logprobs(logits[:, 0], nxt, logprobs))
             state, emitted = _advance(state, nxt, rows)
-            return i + 1, cache, state, out.at[i].set(emitted)
+            return i + 1, cache, state, out.at[i].set(emitted), lps
 
         def more(carry):
-            i, _, state, _ = carry
+            i, _, state, _, _ = carry
             return (i < steps) & ~jnp.all(state.done)
 
         out = jnp.full((steps, b), -1, jnp.int32)
-        _, cache, state, out = jax.lax.while_loop(more, body, (0, cache, state, out))
-        return self._place_cache(cache), state, out
+        lps = None if logprobs is None else LogProbs(jnp.zeros((steps, b), jnp.float32),
+                                                     jnp.zeros((steps, b, logprobs), jnp.int32),
+                                                     jnp.zeros((steps, b, logprobs), jnp.float32))
+        _, cache, state, out, lps = jax.lax.while_loop(more, body, (0, cache, state, out, lps))
+        return self._place_cache(cache), state, out, lps
 
     # Host side ----------------------------------------------------------------------------------
     def prefill_prompts(self, requests: list[Request]):
-        """Prefill alone: (last logits, T-slot prompt cache, state, rows, first tokens) on device, batch bucketed."""
-        b = batch_bucket(len(requests), self.batch_shards)
-        t = length_bucket(max(len(r.prompt) for r in requests))
-        tokens = np.zeros((b, t), np.int32)
-        lengths = np.zeros(b, np.int32)
-        for i, r in enumerate(requests):
-            tokens[i, :len(r.prompt)] = r.prompt
-            lengths[i] = len(r.prompt)
+        """Prefill alone: (last logits, T-slot prompt cache, state, rows, first tokens) on device, batch bucketed,
+        one row per request. Requests with the same prompt share one prefill (the `n` samples of a request)."""
+        prompts = list(dict.fromkeys(r.prompt for r in requests))  # distinct, in order
+        u, b = batch_bucket(len(prompts), self.batch_shards), batch_bucket(len(requests), self.batch_shards)
+        t = length_bucket(max(len(p) for p in prompts))
+        tokens = np.zeros((u, t), np.int32)
+        lengths = np.zeros(u, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+        index = {p: i for i, p in enumerate(prompts)}
+        gather = np.array([index[r.prompt] for r in requests] + [0] * (b - len(requests)), np.int32)
+        row_lengths = np.array([len(r.prompt) for r in requests] + [0] * (b - len(requests)), np.int32)
+        shared = len(prompts) < len(requests)
         rows = jax.device_put(_rows(requests, b))  # sent once, reused by every decode call
-        logits, small, state, first = self._prefill(self.params, tokens, lengths, rows)
+        logits, small, state, first = self._prefill(self.params, tokens, lengths, gather if shared else None,
+                                                    row_lengths, rows, adjusts(requests))
         return logits, small, state, rows, first
 
     def prefill(self, requests: list[Request]):
@@ -332,10 +389,13 @@ class Generator:
         s = min(length_bucket(need, 64), self.cfg.max_position_embeddings)
         return logits, self._place(small, max(s, t)), state, rows, first
 
-    def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None):
-        """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B], −1 = none).
-        The cache is donated: use the returned one."""
-        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call)
+    def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None, logprobs: int | None = None,
+               adjust: bool = False):
+        """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B] (−1 = none),
+        LogProbs [steps, B] with the top `logprobs` alternatives, or None when `logprobs` is None).
+        `adjust`: apply the rows' logit_bias and penalties (some row has them). The cache is donated:
+        use the returned one."""
+        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call, logprobs, adjust)
 
     def stream(self, requests: list[Request]) -> Iterator[list[list[int]]]:
         """Yield, per compiled call, each request's new tokens (possibly none); the last one ends with its stop."""
@@ -344,7 +404,8 @@ class Generator:
         yield [[int(emitted[i])] for i in range(len(requests))]
         done = np.asarray(state.done)
         while not done[:len(requests)].all():
-            cache, state, out = self._decode(self.params, cache, state, rows, self.steps_per_call)
+            cache, state, out, _ = self._decode(self.params, cache, state, rows, self.steps_per_call, None,
+                                                adjusts(requests))
             out = np.asarray(out)  # blocks on each call: never queue work behind pending collectives
             done = np.asarray(state.done)
             yield [[int(x) for x in out[:, i] if x >= 0] for i in range(len(requests))]

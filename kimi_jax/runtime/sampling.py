@@ -14,16 +14,26 @@ z / t + g, with g [V] standard Gumbel noise from `fold_in(key(seed), step)`, whe
 tokens the request has generated so far. The noise therefore depends only on (seed, step), never
 on the batch a request shares or on other requests' settings: the same seed gives the same
 tokens whatever the batch composition (as long as the logits themselves agree).
+
+Before any of that, `adjust_logits` applies a request's logit_bias and its presence / frequency
+penalties, as OpenAI defines them: z[j] += bias[j]; z[j] −= c[j]·frequency + (c[j] > 0)·presence,
+with c[j] the times token j was generated so far (the prompt does not count). Greedy decoding sees
+the adjusted logits too. Log probabilities (`token_logprobs`) are of the model's own logits,
+log-softmax in float32, before any adjustment (vLLM's "raw" logprobs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 DEFAULT_TEMPERATURE = 0.6  # the Kimi-K2 model card's recommendation
+TOP_LOGPROBS = 20  # the most alternatives a request's log probabilities list (OpenAI's limit)
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +44,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     seed: int = 0
+    presence_penalty: float = 0.0  # in [−2, 2]
+    frequency_penalty: float = 0.0  # in [−2, 2]
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [−100, 100]) pairs
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -44,10 +57,24 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer ≥ 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and -2 <= value <= 2):
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
+                isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+                for t, b in self.logit_bias):
+            raise ValueError(f"logit_bias must be at most {MAX_LOGIT_BIAS} (token id ≥ 0, bias in [-100, 100]) "
+                             f"pairs, got {self.logit_bias!r:.200}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether `adjust_logits` changes this request's logits (a logit_bias or a penalty)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def keep_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -65,6 +92,40 @@ def keep_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax
     # Rank 0 is always kept (its mass_before is 0 < p).
     n_keep = jnp.sum(in_top_k & (mass_before < top_p[:, None]), axis=-1)
     return jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)[:, 0]
+
+
+class LogProbs(NamedTuple):
+    """Log probabilities of sampled tokens (each with leading dims [..., B]): the chosen token's, and
+    the `k` most likely tokens' ids and values, most likely first."""
+
+    chosen: jax.Array  # [..., B] float32
+    top_ids: jax.Array  # [..., B, k] int32
+    top: jax.Array  # [..., B, k] float32
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int = TOP_LOGPROBS) -> LogProbs:
+    """log-softmax (float32) of the model's logits [B, V] at `tokens` [B], and its top `k`."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[:, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(logp, k)
+    return LogProbs(chosen, ids.astype(jnp.int32), top)
+
+
+def adjust_logits(logits: jax.Array, presence: jax.Array, frequency: jax.Array, bias_ids: jax.Array,
+                  bias: jax.Array, counts: jax.Array) -> jax.Array:
+    """Logits [B, V] (float32) with each row's logit_bias and penalties applied (module docstring).
+
+    presence, frequency [B]; bias_ids [B, n] (−1 = unused) and bias [B, n]; counts [B, V] int32.
+    The caller decides, from the batch's requests, whether to call it at all (`SamplingParams.adjusts`):
+    a batch with no bias and no penalty skips it at trace time, which a runtime `lax.cond` would not
+    do for free (BENCHMARKS.md, Sampling extras).
+    """
+    logits = logits.astype(jnp.float32)
+    b, v = logits.shape
+    ids = jnp.where(bias_ids >= 0, bias_ids, v)  # out of range: dropped by the scatter
+    logits = logits.at[jnp.arange(b)[:, None], ids].add(bias, mode="drop")
+    c = counts.astype(jnp.float32)
+    return logits - frequency[:, None] * c - presence[:, None] * (c > 0)
 
 
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:

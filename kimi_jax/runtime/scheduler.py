@@ -5,8 +5,9 @@ per latent group). The model thread loops:
 
     1. free the slots of finished or cancelled jobs (their rows are marked done: position −1,
        so they write nothing and are skipped by every later step);
-    2. admit waiting jobs into free slots: prefill them (a batch of up to `max_prefill`, shapes
-       bucketed), copy each prompt's cache into its slot, and emit its first token;
+    2. admit waiting jobs into free slots: prefill them (a batch of up to `max_prefill` distinct
+       prompts, shapes bucketed; jobs with the same prompt, such as the `n` samples of one
+       request, share its prefill), copy each prompt's cache into its slot, and emit its first token;
     3. run one compiled decode call of `steps_per_call` steps over all slots and block on its
        tokens; hand each job its new tokens.
 
@@ -27,12 +28,17 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model.decoder import init_cache
-from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows
+from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
+from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
+# One token's log probability and its top alternatives [(token id, log probability)], most likely first.
+TokenLogProb = tuple[float, list[tuple[int, float]]]
+_set_row = jax.jit(lambda big, small, src, dst: big.at[dst].set(small[src]), donate_argnums=(0,))
 
 
 class QueueFull(RuntimeError):
@@ -45,8 +51,9 @@ class SchedulerStopped(RuntimeError):
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request in the scheduler. `sink(tokens, finish_reason)` is called on the model thread
-    with new token ids, and once more with a finish reason ("stop", "length", "cancelled", "error: …")."""
+    """One request in the scheduler. `sink(tokens, finish_reason, logprobs)` is called on the model
+    thread with new token ids, and once more with a finish reason ("stop", "length", "cancelled",
+    "error: …"); `logprobs` is one TokenLogProb per token when the request asks for them, else None."""
 
     request: Request
     sink: Callable[[list[int], str | None], None]
@@ -185,10 +192,13 @@ class Scheduler:
         self._cache = init_cache(g.cfg, b, self.max_context, g.dtype)
         if g.mesh is not None:  # the slot cache lives where decode wants it (batch split over `data`)
             self._cache = jax.device_put(self._cache, g.layout.cache_shardings(g.cfg, b, self.max_context))
+        # Host copies (every slot starts free: done), but the [B, V] token counts stay on device.
         self._state = DecodeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
-                                  np.ones(b, bool))  # host copies; every slot starts free (done)
+                                  np.ones(b, bool), jnp.zeros((b, g.cfg.vocab_size), jnp.int32))
         self._rows = Rows(np.zeros(b, np.float32), np.ones(b, np.float32), np.zeros(b, np.int32),
-                          np.zeros(b, np.uint32), np.ones(b, np.int32), np.full((b, MAX_STOP_IDS), -1, np.int32))
+                          np.zeros(b, np.uint32), np.ones(b, np.int32), np.full((b, MAX_STOP_IDS), -1, np.int32),
+                          np.zeros(b, np.float32), np.zeros(b, np.float32),
+                          np.full((b, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((b, MAX_LOGIT_BIAS), np.float32))
         self._rows_device = None
 
     def _free(self, slot: int) -> None:
@@ -210,19 +220,27 @@ class Scheduler:
         """Prefill waiting jobs into free slots (several prefill batches if there is room)."""
         while True:
             free = [i for i, j in enumerate(self._slots) if j is None]
+            jobs, prompts = [], set()
             with self._wake:
-                take = min(len(free), self.max_prefill, len(self._waiting))
-                jobs = [self._waiting.popleft() for _ in range(take)]
+                while self._waiting and len(jobs) < len(free) and (
+                        self._waiting[0].request.prompt in prompts or len(prompts) < self.max_prefill):
+                    jobs.append(self._waiting.popleft())
+                    prompts.add(jobs[-1].request.prompt)
             if not jobs:
                 return
             start = time.perf_counter()
-            _, small, state, _, first = self.generator.prefill_prompts([j.request for j in jobs])
-            first = np.asarray(first)  # blocks: the first tokens are ready
-            state = jax.tree.map(np.asarray, state)
+            logits, small, state, _, first_device = self.generator.prefill_prompts([j.request for j in jobs])
+            first = np.asarray(first_device)  # blocks: the first tokens are ready
+            logprobs = None
+            if any(j.request.logprobs for j in jobs):
+                logprobs = jax.tree.map(np.asarray, self.generator.first_logprobs(logits, first_device,
+                                                                                  TOP_LOGPROBS))
+            counts, state = state.counts, jax.tree.map(np.asarray, state._replace(counts=None))
             for k, (job, slot) in enumerate(zip(jobs, free)):
                 self._cache = self.generator.insert(self._cache, small, k, slot)
-                for field, value in zip(self._state, state):
+                for field, value in zip(self._state[:4], state[:4]):
                     field[slot] = value[k]
+                self._state = self._state._replace(counts=_set_row(self._state.counts, counts, k, slot))
                 self._set_rows(slot, job.request)
                 self._slots[slot] = job
                 self.metrics.prompt_tokens += len(job.request.prompt)
@@ -230,7 +248,8 @@ class Scheduler:
             self.metrics.prefill_calls += 1
             self.metrics.busy_seconds += time.perf_counter() - start
             for k, (job, slot) in enumerate(zip(jobs, free)):
-                self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [])
+                lp = [_token_logprob(logprobs, k)] if logprobs is not None and job.request.logprobs else None
+                self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [], lp)
 
     def _set_rows(self, slot: int, request: Request) -> None:
         r, s = self._rows, request.sampling
@@ -238,16 +257,25 @@ class Scheduler:
         r.seed[slot], r.max_new[slot] = s.seed, request.max_new_tokens
         r.stop_ids[slot] = -1
         r.stop_ids[slot, :len(request.stop_ids)] = request.stop_ids
+        r.presence[slot], r.frequency[slot] = s.presence_penalty, s.frequency_penalty
+        r.bias_ids[slot], r.bias[slot] = -1, 0.0
+        for j, (token, value) in enumerate(s.logit_bias):
+            r.bias_ids[slot, j], r.bias[slot, j] = token, value
 
     def _decode(self) -> None:
         start = time.perf_counter()
         if self._rows_device is None:
             self._rows_device = jax.device_put(self._rows)
         active = self.active
-        self._cache, state, out = self.generator.decode(self._cache, self._state, self._rows_device,
-                                                        self.steps_per_call)
+        jobs = [j.request for j in self._slots if j is not None]
+        wants = any(r.logprobs for r in jobs)
+        self._cache, state, out, logprobs = self.generator.decode(
+            self._cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
+            adjusts(jobs))
         out = np.asarray(out)  # (steps, B); blocks on the call
-        self._state = DecodeState(*(np.array(x) for x in state))  # writable host copies
+        logprobs = None if logprobs is None else jax.tree.map(np.asarray, logprobs)
+        # writable host copies, but the token counts stay on device
+        self._state = DecodeState(*(np.array(x) for x in state[:4]), state.counts)
         elapsed = time.perf_counter() - start
         steps = int((out >= 0).any(axis=1).sum())
         made = int((out >= 0).sum())
@@ -260,10 +288,15 @@ class Scheduler:
         m.last_tokens_per_s = made / elapsed if elapsed > 0 else 0.0
         for slot, job in enumerate(self._slots):
             if job is not None:
-                self._deliver(slot, job, [int(x) for x in out[:, slot] if x >= 0])
+                steps_made = np.flatnonzero(out[:, slot] >= 0)
+                lp = None
+                if logprobs is not None and job.request.logprobs:
+                    lp = [_token_logprob(logprobs, (step, slot)) for step in steps_made]
+                self._deliver(slot, job, [int(out[step, slot]) for step in steps_made], lp)
 
-    def _deliver(self, slot: int, job: Job, tokens: list[int]) -> None:
-        """Hand new tokens to a job; finish it and free its slot when its row is done."""
+    def _deliver(self, slot: int, job: Job, tokens: list[int], logprobs: list[TokenLogProb] | None = None) -> None:
+        """Hand new tokens (and their log probabilities) to a job; finish it and free its slot when its
+        row is done."""
         done = bool(self._state.done[slot])
         if tokens and job.first_token_at is None:
             job.first_token_at = time.perf_counter()
@@ -272,16 +305,21 @@ class Scheduler:
         self.metrics.generation_tokens += len(tokens)
         if done:
             last = tokens[-1] if tokens else None
-            self._finish(job, "stop" if last in job.request.stop_ids else "length", tokens)
+            self._finish(job, "stop" if last in job.request.stop_ids else "length", tokens, logprobs)
             self._free(slot)
         elif tokens and not job.cancelled:
-            job.sink(tokens, None)
+            job.sink(tokens, None, logprobs)
 
-    def _finish(self, job: Job, reason: str, tokens: list[int] = ()) -> None:
+    def _finish(self, job: Job, reason: str, tokens: list[int] = (), logprobs: list[TokenLogProb] | None = None):
         """The job's last call of its sink: its final tokens (if any) with the finish reason."""
         if job.finished:
             return
         job.finished = True
         self.metrics.requests[reason.split(":")[0]] += 1
-        job.sink(list(tokens), reason)
+        job.sink(list(tokens), reason, logprobs)
+
+
+def _token_logprob(logprobs, at) -> TokenLogProb:
+    """One token's entry of host LogProbs arrays (`at`: the row, or (step, row))."""
+    return float(logprobs.chosen[at]), [(int(i), float(v)) for i, v in zip(logprobs.top_ids[at], logprobs.top[at])]
 

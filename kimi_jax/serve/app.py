@@ -3,6 +3,7 @@
     GET  /health                 liveness (never needs the key)
     GET  /metrics                Prometheus text: requests, tokens, queue depth, occupancy, TTFT, tokens/s
     GET  /v1/models              the served model name
+    GET  /openapi.json           the OpenAPI 3.1 document: each body's fields as a JSON Schema
     POST /v1/chat/completions    OpenAI chat (tools, streaming)           kimi_jax/serve/openai.py
     POST /v1/completions         OpenAI raw-prompt completions            kimi_jax/serve/openai.py
     POST /v1/messages            Anthropic messages (tools, streaming)    kimi_jax/serve/anthropic.py
@@ -22,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from kimi_jax.serve import anthropic, openai
-from kimi_jax.serve.errors import APIError, error_response
+from kimi_jax.serve import anthropic, openai, openapi
+from kimi_jax.serve.errors import APIError, clip, error_response
 from kimi_jax.serve.metrics import MEDIA_TYPE, prometheus_text
 from kimi_jax.serve.server import Server
 
@@ -41,8 +42,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, err: HTTPException):
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
+        method, path = clip(request.method, 20), clip(request.url.path, 200)  # as long as the client likes
+        message = {404: f"no route {method} {path}",
+                   405: f"{method} is not allowed on {path}"}.get(err.status_code, str(err.detail))
         return error_response(request.url.path, APIError(err.status_code, message), headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -69,6 +71,10 @@ def create_app(server: Server) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": server.served_model_name, "object": "model",
                                             "created": server.created, "owned_by": "kimi_jax"}]}
+
+    @app.get("/openapi.json")
+    async def openapi_document():
+        return openapi.document(server.served_model_name)
 
     openai.add_routes(app, server)
     anthropic.add_routes(app, server)

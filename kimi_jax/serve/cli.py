@@ -15,12 +15,12 @@ import time
 
 import uvicorn
 
-from kimi_jax.runtime import distributed
+from kimi_jax.runtime import distributed, flags
 from kimi_jax.runtime.default_model import load_checkpoint_or_default
 from kimi_jax.runtime.engine import DTYPES
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.app import create_app
-from kimi_jax.serve.server import Server
+from kimi_jax.serve.server import MAX_BODY_BYTES, Server
 
 EPILOG = """\
 examples:
@@ -30,30 +30,14 @@ examples:
 """
 
 
-def _int_at_least(lo: int, hi: int | None = None):
-    """An argparse type: an integer in [lo, hi] (argparse turns the ValueError into its one-line error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            span = f"≥ {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The server's flags, each range-checked (a bad one exits 2 with argparse's one-line error)."""
     p = argparse.ArgumentParser(prog="python -m kimi_jax.serve", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", metavar="PATH",
+    p.add_argument("--checkpoint", metavar="PATH", type=flags.directory("checkpoint directory"),
                    help="Hugging Face checkpoint directory; default: the embedded tiny chat model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=flags.PORT, default=8000, help="port (default 8000)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh to shard over, e.g. 'data=1,expert=8'")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="compute dtype: bfloat16 (the default with --checkpoint) or float32 (the default for the "
@@ -62,14 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the model name clients must send (default kimi-k2-instruct)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or x-api-key); "
                                                     "default: no auth")
-    p.add_argument("--max-batch", type=_int_at_least(1), default=16, metavar="N", help="decode slots (default 16)")
-    p.add_argument("--max-context", type=_int_at_least(2), default=4096, metavar="T",
+    p.add_argument("--max-batch", type=flags.integer(1), default=16, metavar="N", help="decode slots (default 16)")
+    p.add_argument("--max-context", type=flags.integer(2), default=4096, metavar="T",
                    help="tokens per slot, prompt + output (default 4096, capped by the model's context)")
-    p.add_argument("--max-queue", type=_int_at_least(0), default=256, metavar="N",
+    p.add_argument("--max-body-bytes", type=flags.integer(1), default=MAX_BODY_BYTES, metavar="N",
+                   help=f"largest request body, in bytes; a larger one is answered 413 (default {MAX_BODY_BYTES})")
+    p.add_argument("--max-queue", type=flags.integer(0), default=256, metavar="N",
                    help="waiting requests before answering 429 (default 256)")
-    p.add_argument("--max-prefill", type=_int_at_least(1), default=4, metavar="N",
+    p.add_argument("--max-prefill", type=flags.integer(1), default=4, metavar="N",
                    help="requests prefilled together when several wait (default 4)")
-    p.add_argument("--steps-per-call", type=_int_at_least(1), default=None, metavar="K",
+    p.add_argument("--steps-per-call", type=flags.integer(1), default=None, metavar="K",
                    help="decode steps per compiled call (default: the generator's)")
     distributed.add_arguments(p)
     return p.parse_args(argv)
@@ -86,7 +72,7 @@ def build_server(args: argparse.Namespace, model=None, generator=None) -> Server
     scheduler = Scheduler(generator if generator is not None else model.generator, max_batch=args.max_batch,
                           max_context=args.max_context, max_queue=args.max_queue, max_prefill=args.max_prefill,
                           steps_per_call=args.steps_per_call).start()
-    return Server(model, scheduler, args.served_model_name, args.api_key)
+    return Server(model, scheduler, args.served_model_name, args.api_key, args.max_body_bytes)
 
 
 def main(argv=None) -> int:
@@ -105,18 +91,39 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     try:
+        sock = listen(args.host, args.port)  # before the model loads: a bad address fails at once
+    except OSError as e:
+        print(f"error: --host {args.host} --port {args.port}: cannot listen there: {e}", file=sys.stderr)
+        return 1
+    try:
         server = build_server(args)
     except (OSError, ValueError) as e:  # a missing checkpoint, a mesh that does not fit, a bad config
         print(f"error: {e}", file=sys.stderr)
+        sock.close()
         return 1
     if not args.checkpoint:
         print("[kimi_jax] embedded tiny chat model: it introduces itself, answers a few facts and sums and calls "
               "a get_weather tool, nothing more; pass --checkpoint for a real model", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    print(f"[kimi_jax] serving {args.served_model_name!r} on http://{host}:{port}", file=sys.stderr)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
+        uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[sock])
     finally:
         server.scheduler.stop()
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn binds one (SO_REUSEADDR); OSError if it cannot be."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class LiveServer:

@@ -20,6 +20,7 @@ OPENAI_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_
 ANTHROPIC_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "api_error"}
 SHOWN_CHARS = 60  # how much of a client's value an error message repeats
+MAX_MESSAGE_CHARS = 1000  # no error message is longer, whatever the client sent
 
 
 class APIError(Exception):
@@ -31,15 +32,20 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None,
                  code: str | None = None):
+        message, param = clip(message, MAX_MESSAGE_CHARS), param if param is None else clip(param, 200)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or OPENAI_KINDS.get(status, "invalid_request_error")
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
 def show(value: Any) -> str:
     """`repr(value)` cut to SHOWN_CHARS, for messages that repeat what a client sent."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"… ({len(text)} characters)"
+    return clip(repr(value), SHOWN_CHARS)
 
 
 def is_anthropic(path: str) -> bool:

@@ -14,15 +14,19 @@ from kimi_jax.serve.errors import APIError, show
 from kimi_jax.serve.validation import bad, check_messages, check_tools, got
 from kimi_jax.text.chat_template import ChatFormatError, normalize_tool_call_ids
 
+MAX_BODY_BYTES = 8 << 20  # a request body over 8 MiB is answered 413 (--max-body-bytes)
+
 
 class Server:
     """The loaded model, its scheduler and the serving settings."""
 
-    def __init__(self, model, scheduler, served_model_name: str = "kimi-k2-instruct", api_key: str | None = None):
+    def __init__(self, model, scheduler, served_model_name: str = "kimi-k2-instruct", api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         if model.tokenizer is None:
             raise ValueError("serving needs a tokenizer: put tiktoken.model next to config.json")
         self.model, self.scheduler, self.tokenizer = model, scheduler, model.tokenizer
         self.served_model_name, self.api_key = served_model_name, api_key
+        self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
 
     @property
@@ -63,7 +67,8 @@ class Server:
             raise bad("messages", str(e)) from None
 
     def request(self, prompt: Sequence[int], max_tokens: int | None, temperature: float, top_p: float,
-                top_k: int = 0, seed: int | None = None) -> Request:
+                top_k: int = 0, seed: int | None = None, presence_penalty: float = 0.0,
+                frequency_penalty: float = 0.0, logit_bias: tuple[tuple[int, float], ...] = ()) -> Request:
         """A generation.Request; the prompt + max_tokens must fit the context (else 400).
         Without a seed a sampled request draws a fresh one."""
         room = self.max_context - len(prompt)
@@ -80,7 +85,8 @@ class Server:
         if seed is None:
             seed = secrets.randbits(32) if temperature > 0 else 0
         try:
-            sampling = SamplingParams(float(temperature), float(top_p), int(top_k), int(seed))
+            sampling = SamplingParams(float(temperature), float(top_p), int(top_k), int(seed), float(presence_penalty),
+                                      float(frequency_penalty), logit_bias)
         except ValueError as e:  # the routes' range checks keep this from happening
             raise APIError(400, str(e)) from None
         return Request(tuple(prompt), int(max_tokens), sampling, tuple(self.tokenizer.stop_ids))

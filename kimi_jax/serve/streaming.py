@@ -1,9 +1,11 @@
 """What every generating route does, once: the handler skeleton, the generation seen from the event
 loop, tool-call parsing of its text, and server-sent events.
 
-    handle   body -> model check -> the route's `prepare` (validation, a generation.Request)
-             -> submit and wait for the first tokens (errors such as 429 surface before a
-             response starts) -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
+    handle   body (at most `Server.max_body_bytes`, else 413) -> in a worker thread, so that a big
+             body never stalls the event loop: JSON parse, model check, the route's `prepare`
+             (validation, chat template, tokenization, a generation.Request) -> submit and
+             wait for the first tokens (errors such as 429 surface before a response starts)
+             -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
     Reply    one scheduler job: tokens arrive on a per-request asyncio queue from the model
              thread, become text through text/detokenize.Detokenizer (stop tokens, stop strings,
              flush), are split into reasoning and reply for a thinking model
@@ -22,6 +24,7 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from kimi_jax.runtime.generation import Request
@@ -48,32 +51,73 @@ class Prepared:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # route-specific (ids, …)
     reasoning: bool = False  # a thinking model's reasoning comes apart from the reply (ReasoningDelta)
+    parallel_tool_calls: bool = True  # False: the reply ends after its first tool call
+    echo: str = ""  # /v1/completions `echo`: the prompt's text, which the reply's text follows
+    n: int = 1  # choices, sampled from one prefill of the prompt (`choices`)
+    top_logprobs: int | None = None  # None: no log probabilities; k: each token's and its top k
+    token_ids: bool = False  # log probabilities name tokens `token_id:ID` (vLLM's return_tokens_as_token_ids)
+
+    def choices(self) -> list[Request]:
+        """The request of each of the `n` choices: choice i samples with seed (seed + i) mod 2**32, so
+        that `n` choices with seed s are the single requests with seeds s, s + 1, …, s + n − 1."""
+        sampling = self.request.sampling
+        return [dataclasses.replace(self.request, logprobs=self.top_logprobs is not None,
+                                    sampling=dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**32))
+                for i in range(self.n)]
 
 
 Prepare = Callable[[dict[str, Any], Server], Prepared]
-Whole = Callable[["Reply", Prepared], Awaitable[dict[str, Any]]]
-Stream = Callable[["Reply", Prepared], AsyncIterator[str]]
+Whole = Callable[[list["Reply"], Prepared], Awaitable[dict[str, Any]]]
+Stream = Callable[[list["Reply"], Prepared], AsyncIterator[str]]
 
 
 async def handle(http: HTTPRequest, server: Server, prepare: Prepare, whole: Whole, stream: Stream) -> Response:
     """The one route skeleton: parse the body, check the model, let the route validate and build its
-    request, start generating, then answer whole or as a stream."""
-    body = parse_body(await read_body(http))
-    server.check_model(body)
-    job = prepare(body, server)
-    reply = Reply(server, job)
-    await reply.start(http)
-    if job.stream:
-        return StreamingResponse(_guarded(stream(reply, job), http.url.path), media_type="text/event-stream")
-    return JSONResponse(await unless_disconnected(http, whole(reply, job)))
-
-
-async def read_body(http: HTTPRequest) -> bytes:
-    """The raw request body (a client gone while sending it is answered 499, read by nobody)."""
+    request, start generating (one Reply per choice, all submitted before any is awaited, so that
+    they share one prefill), then answer whole or as a stream."""
+    raw = await read_body(http, server.max_body_bytes)
+    job = await run_in_threadpool(_prepare, raw, server, prepare)
+    replies = [Reply(server, job, request) for request in job.choices()]
     try:
-        return await http.body()
+        for reply in replies:
+            reply.submit()
+        for reply in replies:
+            await reply.wait_first(http)
+    except BaseException:
+        for reply in replies:
+            reply.close()
+        raise
+    if job.stream:
+        return StreamingResponse(_guarded(stream(replies, job), http.url.path), media_type="text/event-stream")
+    return JSONResponse(await unless_disconnected(http, whole(replies, job)))
+
+
+def _prepare(raw: bytes, server: Server, prepare: Prepare) -> Prepared:
+    """Everything between the bytes and the scheduler; CPU-bound, so it runs in a worker thread."""
+    body = parse_body(raw)
+    server.check_model(body)
+    return prepare(body, server)
+
+
+async def read_body(http: HTTPRequest, limit: int) -> bytes:
+    """The raw request body, at most `limit` bytes: a larger one is answered 413 as soon as its
+    Content-Length (or the bytes received) say so, before it is read whole. A client gone while
+    sending it is answered 499, read by nobody."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                            "(--max-body-bytes)", code="request_too_large")
+    length = http.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "client closed the request") from None
+    return b"".join(chunks)
 
 
 async def unless_disconnected(http: HTTPRequest, awaitable: Awaitable[Any], poll_s: float = DISCONNECT_POLL_S):
@@ -94,7 +138,9 @@ async def unless_disconnected(http: HTTPRequest, awaitable: Awaitable[Any], poll
 class Reply:
     """One request's generation, read from the event loop.
 
-    `start` submits the job and waits for its first tokens; `events` then yields the reply as
+    `submit` queues the job and `wait_first` waits for its first tokens, so that a full queue (429), a
+    stopped model thread (503) or a failed generation (500) is answered before any response starts
+    (`handle` submits every choice before it waits for any); `events` then yields the reply as
     tool-call events (only ContentDelta without tools), and `collect` gathers them whole. Leaving
     early (client gone, task cancelled, a stop string seen) cancels the job, which frees its slot
     before the next decode call. After the last event: `finish_reason` ("stop" | "length"),
@@ -102,12 +148,17 @@ class Reply:
     `tool_calls` (accepted calls seen).
     """
 
-    def __init__(self, server: Server, job: Prepared):
+    def __init__(self, server: Server, job: Prepared, request: Request | None = None):
         self.scheduler, self.job = server.scheduler, job
-        self.text = Detokenizer(server.tokenizer, job.request.stop_ids, job.stops)
-        self.prompt_tokens, self.completion_tokens, self.tool_calls = len(job.request.prompt), 0, 0
+        self.request = request or job.request  # this choice's
+        self.text = Detokenizer(server.tokenizer, self.request.stop_ids, job.stops)
+        self.prompt_tokens, self.completion_tokens, self.tool_calls = len(self.request.prompt), 0, 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pieces: list[Piece] = []  # read but not yet handed out
+        # (token id, text offset, TokenLogProb) of each token whose text is the reply's (the final stop
+        # token excluded), when the request asks for log probabilities; `_sent` of them handed out.
+        self.logprobs: list[tuple[int, int, Any]] = []
+        self._sent, self._offset = 0, 0
         self._handle = None  # the scheduler's Job
         self._ended = False  # the scheduler will send nothing more
 
@@ -124,19 +175,29 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    async def start(self, http: HTTPRequest) -> None:
-        """Submit the job and wait for its first tokens, so that a full queue (429), a stopped model
-        thread (503) or a failed generation (500) is answered before any response starts."""
+    def take_logprobs(self) -> list[tuple[int, int, Any]]:
+        """The log-probability entries not handed out yet (streaming: those since the last call)."""
+        new, self._sent = self.logprobs[self._sent:], len(self.logprobs)
+        return new
+
+    def submit(self) -> None:
+        """Queue the job with the scheduler (429 when the queue is full, 503 when the model thread is gone)."""
         loop = asyncio.get_running_loop()
-        sink = lambda tokens, reason: loop.call_soon_threadsafe(self._queue.put_nowait, (tokens, reason))
+
+        def sink(tokens, reason, logprobs=None):  # on the model thread
+            loop.call_soon_threadsafe(self._queue.put_nowait, (tokens, reason, logprobs))
+
         try:
-            self._handle = self.scheduler.submit(self.job.request, sink)
+            self._handle = self.scheduler.submit(self.request, sink)
         except QueueFull as e:
             raise APIError(429, f"server overloaded: {e}; retry later") from None
         except SchedulerStopped as e:
             raise APIError(503, str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    async def wait_first(self, http: HTTPRequest) -> None:
+        """Wait for the job's first tokens (a failed generation is a 500 before any response starts)."""
         try:
             await unless_disconnected(http, self._read())
         except BaseException:
@@ -151,15 +212,19 @@ class Reply:
 
     async def _read(self) -> None:
         """Wait for the model thread's next delivery and turn it into pieces."""
-        tokens, reason = await self._queue.get()
+        tokens, reason, logprobs = await self._queue.get()
         if reason is not None and reason.startswith("error"):
             self._ended = True
             raise APIError(500, f"generation failed: {reason}")
         if reason is not None:
             self._ended = True
         for i, token in enumerate(tokens):
-            self._pieces.append(self.text.push(token, last=reason is not None and i == len(tokens) - 1))
+            piece = self.text.push(token, last=reason is not None and i == len(tokens) - 1)
+            self._pieces.append(piece)
             self.completion_tokens += 1
+            if logprobs is not None and token not in self.request.stop_ids:
+                self.logprobs.append((token, self._offset, logprobs[i]))
+            self._offset += len(piece.text)
             if self.text.done:
                 break
         if reason is not None and not self.text.done:  # ended without a final token (never expected)
@@ -182,20 +247,26 @@ class Reply:
         finally:
             self.close()
 
-    async def events(self) -> AsyncIterator[ReasoningDelta | ToolCallEvent]:
+    async def events(self, incremental: bool = False) -> AsyncIterator[ReasoningDelta | ToolCallEvent]:
         """The reply as events: the one driver of the reasoning and tool-call parsers for every route.
 
         ReasoningDelta only with `job.reasoning`, tool-call events only with `job.use_tools` (else the
-        reply is ContentDelta alone)."""
+        reply is ContentDelta alone). `incremental`: a tool call's arguments come as they are generated
+        (text/tool_calls.py), not whole at its end."""
         thoughts = ReasoningStreamParser() if self.job.reasoning else None
-        calls = ToolCallStreamParser() if self.job.use_tools else None
+        calls = ToolCallStreamParser(incremental) if self.job.use_tools else None
         async for text in self._deliveries():
             for event in _parse(thoughts, calls, text, final=False):
                 self.tool_calls += isinstance(event, ToolCallEnd)
                 yield event
+                if isinstance(event, ToolCallEnd) and not self.job.parallel_tool_calls:
+                    self.close()  # one call is all the client takes: stop generating (frees the slot)
+                    return
         for event in _parse(thoughts, calls, "", final=True):
             self.tool_calls += isinstance(event, ToolCallEnd)
             yield event
+            if isinstance(event, ToolCallEnd) and not self.job.parallel_tool_calls:
+                return
 
     async def collect(self) -> tuple[str, str, list[ToolCallEnd]]:
         """The whole reply: its reasoning text, its content text and its accepted tool calls."""
@@ -226,6 +297,41 @@ def _parse(thoughts: ReasoningStreamParser | None, calls: ToolCallStreamParser |
     elif text:
         events.append(ContentDelta(text))
     return events
+
+
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The items of several async iterators (the `n` choices' chunks) as each comes; an error in one
+    ends them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put((item, None))
+        except Exception as e:  # handed to the reader, which raises it
+            await queue.put((None, e))
+        finally:
+            await queue.put((done, None))
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def sse(data: Any, event: str | None = None) -> str:

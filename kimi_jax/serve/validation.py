@@ -12,18 +12,24 @@ shape first (kimi_jax/serve/anthropic.py) and both render through `Server.chat_p
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from kimi_jax.serve.errors import APIError, show
+import jsonschema
+
+from kimi_jax.serve.errors import APIError, clip, show
 
 MAX_DEPTH = 64  # nesting a body may have; deeper bodies are refused before anything walks them
 MAX_STOPS = 4
 ROLES = ("system", "user", "assistant", "tool")
+MAX_PATH_CHARS = 200  # a field path in an error (it holds the client's keys, which may be huge)
+TEXT_ONLY = "this model reads text only: send text parts (images, audio and files are not supported)"
 
 
 def bad(path: str, message: str) -> APIError:
-    """The 400 for field `path`: '`path`: `message`'."""
+    """The 400 for field `path`: '`path`: `message`' (a path longer than MAX_PATH_CHARS is cut)."""
+    path = clip(path, MAX_PATH_CHARS)
     return APIError(400, f"{path}: {message}", param=path)
 
 
@@ -167,6 +173,23 @@ def array(obj: dict[str, Any], name: str, at: str = "", required: bool = False,
     return value
 
 
+def check_fields(obj: dict[str, Any], known: Sequence[str], at: str = "", where: str = "") -> None:
+    """Every key of `obj` is one of `known`: an unknown field is a 400 naming it (as OpenAI's and
+    Anthropic's own APIs refuse one), never silently ignored. `where`: what `obj` is, for the message."""
+    for key in obj:
+        if key not in known:
+            raise bad(path_of(at, key), f"unknown field{' of ' + where if where else ''}; the fields this server "
+                                        f"implements are: {', '.join(known)}")
+
+
+def refuse(obj: dict[str, Any], name: str, why: str, noop: Any = lambda value: value is None, at: str = "") -> None:
+    """A field this server does not implement: a 400 naming it and saying `why`, unless its value
+    asks for nothing (`noop(value)`: null, or the API's default such as `presence_penalty: 0`)."""
+    value = obj.get(name)
+    if not noop(value):
+        raise bad(path_of(at, name), f"not supported: {why} (got {got(value)})")
+
+
 def stop_strings(obj: dict[str, Any], name: str = "stop", limit: int = MAX_STOPS) -> list[str]:
     """A stop string or an array of at most `limit` of them, each non-empty."""
     value = get(obj, name)
@@ -179,6 +202,12 @@ def stop_strings(obj: dict[str, Any], name: str = "stop", limit: int = MAX_STOPS
 
 
 # Chat messages and tools (OpenAI's shape) -----------------------------------------------------
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "refusal",
+                  "function_call", "audio")
+MESSAGE_REFUSED = {"function_call": "the deprecated function_call form; send tool_calls",
+                   "audio": "this model reads text only", "refusal": "refusal text has no form in Kimi's template"}
+
+
 def check_messages(messages: Any, at: str = "messages") -> None:
     """OpenAI-style chat messages: a non-empty array of {role, content, …} in the shapes the chat
     template renders (kimi_jax/text/chat_template.py)."""
@@ -188,7 +217,10 @@ def check_messages(messages: Any, at: str = "messages") -> None:
         where = path_of(at, i)
         if not isinstance(message, dict):
             raise bad(where, f"must be a message object with 'role' and 'content', got {got(message)}")
+        check_fields(message, MESSAGE_FIELDS, at=where, where="a message")
         role = string(message, "role", at=where, required=True, choices=ROLES)
+        for name in ("function_call", "audio", "refusal"):
+            refuse(message, name, MESSAGE_REFUSED[name], at=where)
         string(message, "name", at=where)
         string(message, "reasoning_content", at=where)  # a thinking model's earlier reasoning
         calls = array(message, "tool_calls", at=where)
@@ -200,26 +232,28 @@ def check_messages(messages: Any, at: str = "messages") -> None:
         if content is None and not calls:
             raise bad(path_of(where, "content"), f"this field is required (a {role} message needs content)")
         if content is not None:
-            _check_content(content, path_of(where, "content"), images=role == "user")
+            _check_content(content, path_of(where, "content"))
         if role == "tool":
             string(message, "tool_call_id", at=where, required=True)
 
 
-def _check_content(content: Any, at: str, images: bool) -> None:
-    """A string, or an array of content parts: {type: "text", text} (and, from the user, image parts,
-    which the chat template renders as its media placeholder)."""
+def _check_content(content: Any, at: str) -> None:
+    """A string, or an array of text parts {type: "text", text}. Image, audio and file parts are
+    refused: the model is text-only, and a placeholder in their place would answer about nothing."""
     if isinstance(content, str):
         return
     if not isinstance(content, list):
         raise bad(at, f"must be a string or an array of content parts, got {got(content)}")
-    kinds = ("text", "image_url", "image") if images else ("text",)
     for j, part in enumerate(content):
         where = path_of(at, j)
         if not isinstance(part, dict):
             raise bad(where, f"must be a content part object such as {{\"type\": \"text\", \"text\": …}}, "
                              f"got {got(part)}")
-        if string(part, "type", at=where, required=True, choices=kinds) == "text":
-            string(part, "text", at=where, required=True)
+        kind = string(part, "type", at=where, required=True)
+        if kind != "text":
+            raise bad(path_of(where, "type"), f"{show(kind)}: {TEXT_ONLY}")
+        check_fields(part, ("type", "text"), at=where, where="a text part")
+        string(part, "text", at=where, required=True)
 
 
 def _check_tool_calls(calls: list[Any], at: str) -> None:
@@ -227,31 +261,80 @@ def _check_tool_calls(calls: list[Any], at: str) -> None:
         where = path_of(at, j)
         if not isinstance(call, dict):
             raise bad(where, f"must be a tool call object {{id, type, function}}, got {got(call)}")
+        check_fields(call, ("id", "type", "function"), at=where, where="a tool call")
         string(call, "id", at=where, required=True)
         string(call, "type", at=where, choices=("function",))
         function = mapping(call, "function", at=where, required=True)
+        check_fields(function, ("name", "arguments"), at=path_of(where, "function"), where="a tool call's function")
         string(function, "name", at=path_of(where, "function"), required=True)
         arguments = get(function, "arguments", path_of(where, "function"), required=True)
-        if not isinstance(arguments, (str, dict)):
-            raise bad(path_of(where, "function.arguments"), f"must be a JSON string (or an object), got "
+        if isinstance(arguments, str):  # the template writes it into the prompt as the model's own JSON
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise bad(path_of(where, "function.arguments"),
+                          f"must be a JSON object encoded as a string, got {got(arguments)}") from None
+        if not isinstance(arguments, dict):
+            raise bad(path_of(where, "function.arguments"), f"must be a JSON object encoded as a string, got "
                                                             f"{got(arguments)}")
 
 
-def check_tools(tools: Any, at: str = "tools") -> None:
-    """OpenAI tool declarations: [{type: "function", function: {name, description?, parameters?}}]."""
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; also keeps Kimi's ids `functions.NAME:IDX` parseable
+
+
+def check_schema(schema: Any, at: str, object_only: bool = True) -> None:
+    """`schema` is a valid JSON Schema (checked against its metaschema by `jsonschema`, draft 2020-12
+    unless `$schema` names another); with `object_only` it describes an object (tool arguments are
+    JSON objects: any other type could never be met)."""
+    if not isinstance(schema, dict):
+        raise bad(at, f"must be a JSON Schema object, got {got(schema)}")
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = at + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.path)
+        raise bad(where, f"is not a valid JSON Schema: {clip(e.message, 200)}") from None
+    except (RecursionError, ValueError) as e:  # a $ref cycle, or a regex `re` cannot compile
+        raise bad(at, f"is not a valid JSON Schema: {clip(str(e), 200)}") from None
+    kind = schema.get("type")
+    if object_only and kind is not None and kind != "object":
+        raise bad(path_of(at, "type"), f"must be 'object' (tool arguments are a JSON object), got {got(kind)}")
+
+
+def tool_name(obj: dict[str, Any], at: str) -> str:
+    """A tool's `name`: 1–64 letters, digits, '_' or '-'."""
+    name = string(obj, "name", at=at, required=True)
+    if not TOOL_NAME.fullmatch(name):
+        raise bad(path_of(at, "name"), f"must be 1 to 64 letters, digits, '_' or '-', got {show(name)}")
+    return name
+
+
+def check_tools(tools: Any, at: str = "tools") -> list[str]:
+    """OpenAI tool declarations: [{type: "function", function: {name, description?, parameters?}}],
+    each `parameters` a valid JSON Schema of an object, names distinct. Returns the names."""
     if tools is None:
-        return
+        return []
     if not isinstance(tools, list):
         raise bad(at, f"must be an array of tool objects, got {got(tools)}")
+    names: list[str] = []
     for i, tool in enumerate(tools):
         where = path_of(at, i)
         if not isinstance(tool, dict):
             raise bad(where, f"must be a tool object {{type: 'function', function: {{name, parameters}}}}, got "
                              f"{got(tool)}")
+        check_fields(tool, ("type", "function"), at=where, where="a tool")
         string(tool, "type", at=where, required=True, choices=("function",))
         function = mapping(tool, "function", at=where, required=True)
         inner = path_of(where, "function")
-        if not string(function, "name", at=inner, required=True):
-            raise bad(path_of(inner, "name"), "must be a non-empty string")
+        check_fields(function, ("name", "description", "parameters", "strict"), at=inner, where="a function")
+        name = tool_name(function, inner)
+        if name in names:
+            raise bad(path_of(inner, "name"), f"{name!r} is declared twice (tools[{names.index(name)}] has it)")
+        names.append(name)
         string(function, "description", at=inner)
-        mapping(function, "parameters", at=inner)
+        if function.get("parameters") is not None:
+            check_schema(function["parameters"], path_of(inner, "parameters"))
+        if boolean(function, "strict", at=inner):
+            raise bad(path_of(inner, "strict"), "not supported: arguments are not constrained to the schema "
+                                                "(no constrained decoding yet); leave strict unset or false")
+    return names

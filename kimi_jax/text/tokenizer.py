@@ -100,6 +100,7 @@ class Tokenizer(abc.ABC):
         # The checkpoint's chat template (`load_tokenizer` finds it next to the tokenizer file).
         self.chat_template: ChatTemplate = default_template()
         # Longest first, so that a name that is a prefix of another cannot win.
+        self._special_names = {i: name for name, i in self.special_ids.items()}
         names = sorted(self.special_ids, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names)))
 
@@ -176,6 +177,12 @@ class Tokenizer(abc.ABC):
             data, at_start = self._token_bytes(self._check_id(token_id), at_start)
             out.append(data)
         return b"".join(out).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in running text (a special token: its name), as listed in
+        log probabilities."""
+        name = self._special_names.get(self._check_id(token_id))
+        return name.encode() if name is not None else self._token_bytes(token_id, False)[0]
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one generated sequence."""

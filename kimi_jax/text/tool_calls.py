@@ -28,6 +28,14 @@ Rules (they never raise):
 Because a call is only accepted once its `<|tool_call_end|>` arrives, the streaming parser
 emits a call's start, its arguments (one delta) and its end together at that point; content is
 streamed as it comes, holding back only text that may be the start of a marker.
+
+`ToolCallStreamParser(incremental=True)` streams arguments as they are generated instead, as vLLM
+and SGLang do: a call starts (ToolCallStart) at its `<|tool_call_argument_begin|>` once the id
+before it is valid, its arguments follow as deltas (whitespace at their ends held back, so the
+deltas join to the stripped arguments), and ToolCallEnd comes at `<|tool_call_end|>`. A call
+announced this way stays a call: if its arguments turn out not to be a JSON object, or it is cut
+off, it still ends with the arguments written (the client has seen it begin), where the whole
+parse would have made it content. With a valid call the events' calls equal the whole parse's.
 """
 
 from __future__ import annotations
@@ -146,7 +154,13 @@ class ToolCallStreamParser:
         _CALL: (CALL_BEGIN, CALL_END, SECTION_END),
     }
 
-    def __init__(self) -> None:
+    def __init__(self, incremental: bool = False) -> None:
+        self._incremental = incremental
+        self._markers = dict(self._MARKERS)
+        if incremental:  # the argument marker starts a call's streamed arguments
+            self._markers[self._CALL] = (*self._MARKERS[self._CALL], ARGUMENT_BEGIN)
+        self._started: tuple[str, str] | None = None  # (id, name) of a call announced incrementally
+        self._args, self._args_ws = "", ""  # its arguments so far, and whitespace held back after them
         self._state = self._CONTENT
         self._pending = ""  # text received but not yet consumed
         self._call_body = ""  # raw text of the current call after its CALL_BEGIN
@@ -172,15 +186,14 @@ class ToolCallStreamParser:
         while self._step(events, final=True):
             pass
         if self._state == self._CALL:  # cut off by the end of the text
-            self._emit_content(events, CALL_BEGIN + self._call_body)
-            self._call_body = ""
+            self._cut_off(events)
         self._flush_between(events)
         self._finished = True
         return events
 
     def _step(self, events: list[ToolCallEvent], final: bool) -> bool:
         """Consume pending text up to and including the next marker; False when stuck."""
-        markers = self._MARKERS[self._state]
+        markers = self._markers[self._state]
         found = [(i, m) for m in markers if (i := self._pending.find(m)) >= 0]
         if not found:
             # No whole marker: consume all but a possible marker prefix (all when final).
@@ -201,6 +214,8 @@ class ToolCallStreamParser:
             return
         if self._state == self._CALL:
             self._call_body += text
+            if self._started is not None:
+                self._stream_arguments(events, text)
         elif self._state == self._SECTION:
             # Decided at the next marker, so that the split of the stream cannot matter.
             self._between += text
@@ -221,12 +236,49 @@ class ToolCallStreamParser:
         elif marker == CALL_END:
             self._close_call(events)
             self._state = self._SECTION
+        elif marker == ARGUMENT_BEGIN:  # incremental only
+            self._call_body += marker
+            if self._started is not None:  # a second one: part of the (now malformed) arguments
+                self._stream_arguments(events, marker)
+                return
+            match = _CALL_ID.fullmatch(self._call_body[: -len(marker)].strip().removeprefix(_CALL_ID_PREFIX))
+            if match is not None:
+                self._started = (self._call_body[: -len(marker)].strip(), match["name"])
+                events.append(ToolCallStart(self._num_calls, *self._started))
         else:  # CALL_BEGIN or SECTION_END before this call's end: the call is cut off
-            self._emit_content(events, CALL_BEGIN + self._call_body)
-            self._call_body = ""
+            self._cut_off(events)
             self._state = self._CALL if marker == CALL_BEGIN else self._CONTENT
 
+    def _stream_arguments(self, events: list[ToolCallEvent], text: str) -> None:
+        """An announced call's argument text as deltas, without leading or trailing whitespace."""
+        text = self._args_ws + text
+        body = text.rstrip()
+        self._args_ws = text[len(body):]
+        if not self._args:
+            body = body.lstrip()
+        if body:
+            self._args += body
+            events.append(ToolCallArgumentsDelta(self._num_calls, body))
+
+    def _end_started(self, events: list[ToolCallEvent]) -> None:
+        """End an announced call with the arguments it streamed, whatever they are."""
+        call_id, name = self._started
+        events.append(ToolCallEnd(self._num_calls, call_id, name, self._args))
+        self._num_calls += 1
+        self._started, self._args, self._args_ws, self._call_body = None, "", "", ""
+
+    def _cut_off(self, events: list[ToolCallEvent]) -> None:
+        """A call with no end: content (its raw text), or, announced incrementally, ended as it stands."""
+        if self._started is not None:
+            self._end_started(events)
+        else:
+            self._emit_content(events, CALL_BEGIN + self._call_body)
+            self._call_body = ""
+
     def _close_call(self, events: list[ToolCallEvent]) -> None:
+        if self._started is not None:
+            self._end_started(events)
+            return
         parsed = _parse_call(self._call_body)
         if parsed is None:
             self._emit_content(events, CALL_BEGIN + self._call_body + CALL_END)
