@@ -5,12 +5,13 @@
 #   scripts/launch_local.sh N K [module args...]
 #   scripts/launch_local.sh 2 4 --checkpoint /ckpt/tiny-orbax --mesh expert=4,tensor=2 \
 #       --prompt-ids "1 2 3" --temperature 0 --json
+#   MODULE=kimi_jax.serve scripts/launch_local.sh 2 4 --mesh expert=4,tensor=2 --port 8000
 #
 # Env: PYTHON (default .venv/bin/python, else python3), MODULE (default kimi_jax.generate),
 # PORT (coordinator port, default 29500 + a random offset), KIMI_INIT_TIMEOUT (default 120 s).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-  sed -n '2,10p' "$0" >&2
+  sed -n '2,11p' "$0" >&2
   exit 2
 fi
 N=$1 K=$2; shift 2

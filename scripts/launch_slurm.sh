@@ -5,6 +5,8 @@
 #   sbatch -N 8 --gpus-per-node 8 scripts/launch_slurm.sh [module args...]
 #   sbatch -N 8 --gpus-per-node 8 scripts/launch_slurm.sh --checkpoint /lustre/kimi-k2-orbax \
 #       --mesh expert=16,tensor=4 --chat "Hello" --json
+#   MODULE=kimi_jax.serve sbatch -N 2 --gpus-per-node 8 scripts/launch_slurm.sh \
+#       --checkpoint /lustre/kimi-k2-orbax --mesh data=1,expert=8,tensor=2 --rules dp_attention --port 8000
 #
 # Env: PORT (coordinator port, default 8476), PYTHON (default .venv/bin/python),
 # MODULE (default kimi_jax.generate), KIMI_INIT_TIMEOUT (default 300 s).

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kimi_jax.runtime.default_model import default_checkpoint
+from kimi_jax.runtime.lockstep import Solo
 from kimi_jax.runtime.scheduler import Metrics
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import Server
@@ -72,7 +73,7 @@ class FakeScheduler:
 
     def __init__(self, tokens, stop_ids, fail=False):
         self.tokens, self.stop_ids, self.fail = list(tokens), set(stop_ids), fail
-        self.metrics, self.cancelled = Metrics(), []
+        self.metrics, self.cancelled, self.lockstep = Metrics(), [], Solo()
 
     def submit(self, request, sink):
         tokens = self.tokens[:request.max_new_tokens]

@@ -16,7 +16,11 @@ sees keys at positions ≤ the row's own, so a request's greedy tokens do not de
 the batch. New requests wait at most one decode call before they are prefilled.
 
 The thread owns JAX; the asyncio side calls `submit` / `cancel` (thread-safe) and receives
-events through each job's `sink` callback, which runs on the model thread.
+events through each job's `sink` callback, which runs on the model thread. Submissions and
+cancellations take effect at the start of the next iteration, as *events*: across processes
+(runtime/lockstep.py) process 0 publishes each iteration's events before it acts on them and
+every other process runs the same iteration from them (`follow`), so all of them call the same
+compiled programs in the same order.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model.decoder import init_cache
+from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
@@ -57,10 +62,12 @@ class Job:
 
     request: Request
     sink: Callable[[list[int], str | None], None]
+    id: int = -1  # numbered by process 0; the same job has the same id on every process
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generated: int = 0
-    cancelled: bool = False
+    cancel_asked: bool = False  # set by `cancel`: no more tokens reach the sink
+    cancelled: bool = False  # set when the cancel event is applied: the slot is freed
     finished: bool = False
 
 
@@ -101,7 +108,8 @@ class Scheduler:
     """
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_context: int = 4096, max_queue: int = 256,
-                 max_prefill: int = 8, steps_per_call: int | None = None):
+                 max_prefill: int = 8, steps_per_call: int | None = None,
+                 lockstep_: lockstep.Lockstep | lockstep.Solo | None = None):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -115,6 +123,12 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.lockstep = lockstep_ or lockstep.Solo()
+        self._inbox: list[tuple[str, Job | None]] = []  # events of the next iteration (process 0)
+        self._jobs: dict[int, Job] = {}  # unfinished jobs by id
+        self._next_id = 0
+        self._step = 0  # iterations run
+        self._finish_lock = threading.Lock()  # a lost follower fails jobs from the watchdog thread
 
     # Thread-safe API ----------------------------------------------------------------------------
     def submit(self, request: Request, sink) -> Job:
@@ -124,68 +138,138 @@ class Scheduler:
                              f"exceed the server's context of {self.max_context} tokens")
         if len(request.stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(request.stop_ids)}")
-        if self._thread is not None and not self._thread.is_alive():
-            raise SchedulerStopped(f"the model thread has stopped ({self.error!r}); restart the server")
-        job = Job(request, sink)
+        if not self.alive and self._thread is not None:
+            raise SchedulerStopped(f"the model thread has stopped ({self.error}); restart the server")
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
-            self._waiting.append(job)
+            if self.queue_depth >= self.max_queue:
+                raise QueueFull(f"{self.queue_depth} requests are already waiting (max_queue={self.max_queue})")
+            job = Job(request, sink, self._next_id)
+            self._next_id += 1
+            self._inbox.append(("submit", job))
             self._wake.notify()
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drop a job (client gone, stop string seen): its slot is freed before the next decode call."""
+        """Drop a job (client gone, stop string seen): no more tokens reach its sink, and its slot is
+        freed at the start of the next iteration, before the next decode call."""
         with self._wake:
-            job.cancelled = True
+            job.cancel_asked = True
+            self._inbox.append(("cancel", job))
             self._wake.notify()
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + sum(kind == "submit" for kind, _ in self._inbox)
+
+    @property
+    def iterations(self) -> int:
+        """Scheduler iterations run (each one's events published first, across processes)."""
+        return self._step
 
     @property
     def active(self) -> int:
         return sum(j is not None for j in self._slots)
 
     def start(self) -> Scheduler:
+        """Run the model thread (process 0 of a lockstep also starts its watchdog: a lost follower
+        fails every job, see `fail`)."""
+        if not self.lockstep.leader:
+            raise RuntimeError("a follower runs `follow()` in its main thread, not `start()`")
+        self.lockstep.on_lost.append(self.fail)
+        self.lockstep.start()
         self._thread = threading.Thread(target=self._run, name="kimi-jax-model", daemon=True)
         self._thread.start()
         return self
 
+    def follow(self) -> None:
+        """A follower process (runtime/lockstep.py): run process 0's iterations until it stops."""
+        self.lockstep.start()
+        self._run()
+
     def stop(self) -> None:
+        """Stop after the current iteration (on every process of a lockstep)."""
         with self._wake:
             self._stop = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.lockstep.stop()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def fail(self, why: str) -> None:
+        """The server cannot go on (a follower process is lost): every unfinished job ends with an
+        error, `alive` turns False (/health 503) and new requests are refused (503)."""
+        self.error = SchedulerStopped(why)
+        with self._wake:
+            inbox = [j for kind, j in self._inbox if kind == "submit"]
+            self._wake.notify()
+        with self._finish_lock:
+            jobs = list(self._jobs.values()) + inbox
+        for job in jobs:
+            self._finish(job, f"error: {why}")
 
     # Model thread -------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._reset()
             while True:
-                with self._wake:
-                    while not self._stop and not self._waiting and not self.active:
-                        self._wake.wait()
-                    if self._stop:
-                        break
+                if self._apply(self._next_events()):
+                    break
                 self._free_cancelled()
                 self._admit()
                 if self.active:
                     self._decode()
+                self.lockstep.finished(self._step, self.active)
+                self._step += 1
         except BaseException as e:  # report to every job instead of hanging them
-            self.error = e
+            self.error = self.error or e
             with self._wake:
-                jobs = [j for j in self._slots if j is not None] + list(self._waiting)
+                jobs = list(self._jobs.values())
                 self._waiting.clear()
             for job in jobs:
                 self._finish(job, f"error: {type(e).__name__}: {e}")
             raise
+
+    def _next_events(self) -> list[dict]:
+        """This iteration's events. Process 0 waits for work and takes what arrived; a follower
+        receives what process 0 published for this iteration."""
+        if not self.lockstep.leader:
+            return self.lockstep.receive(self._step)
+        with self._wake:
+            while not self._stop and not self._inbox and not self._waiting and not self.active and not self.error:
+                self._wake.wait()
+            inbox, self._inbox = self._inbox, []
+            stop = self._stop or self.error is not None
+        events = []
+        for kind, job in inbox:
+            if kind == "submit":
+                self._jobs[job.id] = job
+                events.append({"submit": job.id, "request": lockstep.request_to_json(job.request)})
+            else:
+                events.append({"cancel": job.id})
+        events += [{"stop": True}] if stop else []
+        self.lockstep.publish(self._step, events)  # before anything is done with them
+        return events
+
+    def _apply(self, events: list[dict]) -> bool:
+        """Apply an iteration's events (the same on every process); True on the stop event."""
+        for event in events:
+            if "submit" in event:
+                job = self._jobs.get(event["submit"])
+                if job is None:  # a follower: the same job, its tokens go nowhere
+                    job = Job(lockstep.request_from_json(event["request"]), _discard, event["submit"])
+                    self._jobs[job.id] = job
+                self._waiting.append(job)
+            elif "cancel" in event:
+                job = self._jobs.get(event["cancel"])
+                if job is not None:
+                    job.cancelled = True
+            elif event.get("stop"):
+                return True
+        return False
 
     def _reset(self) -> None:
         g, b = self.generator, self.max_batch
@@ -206,9 +290,8 @@ class Scheduler:
         self._state.done[slot] = True
 
     def _free_cancelled(self) -> None:
-        with self._wake:
-            gone = [j for j in self._waiting if j.cancelled]
-            self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
+        gone = [j for j in self._waiting if j.cancelled]
+        self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
         for job in gone:
             self._finish(job, "cancelled")
         for slot, job in enumerate(self._slots):
@@ -221,11 +304,10 @@ class Scheduler:
         while True:
             free = [i for i, j in enumerate(self._slots) if j is None]
             jobs, prompts = [], set()
-            with self._wake:
-                while self._waiting and len(jobs) < len(free) and (
-                        self._waiting[0].request.prompt in prompts or len(prompts) < self.max_prefill):
-                    jobs.append(self._waiting.popleft())
-                    prompts.add(jobs[-1].request.prompt)
+            while self._waiting and len(jobs) < len(free) and (
+                    self._waiting[0].request.prompt in prompts or len(prompts) < self.max_prefill):
+                jobs.append(self._waiting.popleft())
+                prompts.add(jobs[-1].request.prompt)
             if not jobs:
                 return
             start = time.perf_counter()
@@ -307,16 +389,22 @@ class Scheduler:
             last = tokens[-1] if tokens else None
             self._finish(job, "stop" if last in job.request.stop_ids else "length", tokens, logprobs)
             self._free(slot)
-        elif tokens and not job.cancelled:
+        elif tokens and not (job.cancelled or job.cancel_asked or job.finished):
             job.sink(tokens, None, logprobs)
 
     def _finish(self, job: Job, reason: str, tokens: list[int] = (), logprobs: list[TokenLogProb] | None = None):
         """The job's last call of its sink: its final tokens (if any) with the finish reason."""
-        if job.finished:
-            return
-        job.finished = True
+        with self._finish_lock:
+            if job.finished:
+                return
+            job.finished = True
+            self._jobs.pop(job.id, None)
         self.metrics.requests[reason.split(":")[0]] += 1
         job.sink(list(tokens), reason, logprobs)
+
+
+def _discard(tokens, reason, logprobs=None) -> None:
+    """A follower's sink: process 0 alone answers the client."""
 
 
 def _token_logprob(logprobs, at) -> TokenLogProb:

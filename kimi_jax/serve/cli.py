@@ -8,6 +8,8 @@ A bad flag is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
 import threading
@@ -15,18 +17,22 @@ import time
 
 import uvicorn
 
-from kimi_jax.runtime import distributed, flags
+from kimi_jax.runtime import distributed, flags, lockstep
 from kimi_jax.runtime.default_model import load_checkpoint_or_default
 from kimi_jax.runtime.engine import DTYPES
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import MAX_BODY_BYTES, Server
+from sharding.rules import RULE_TABLES
 
 EPILOG = """\
 examples:
   python -m kimi_jax.serve                                   # embedded tiny chat model on 127.0.0.1:8000
   python -m kimi_jax.serve --checkpoint /ckpt/Kimi-K2-Instruct --mesh data=1,expert=8 --port 8000
   python -m kimi_jax.serve --api-key sk-local --max-batch 32 --max-context 8192
+  # across hosts: the same command on every process; process 0 serves HTTP (scripts/launch_*.sh)
+  python -m kimi_jax.serve --checkpoint /ckpt/Kimi-K2-Instruct --mesh data=1,expert=16,tensor=4 --rules dp_attention \
+      --coordinator-address 10.0.0.1:8476 --num-processes 16 --process-id $I
 """
 
 
@@ -39,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=flags.PORT, default=8000, help="port (default 8000)")
     p.add_argument("--mesh", metavar="SPEC", help="device mesh to shard over, e.g. 'data=1,expert=8'")
+    p.add_argument("--rules", choices=sorted(RULE_TABLES), default="default",
+                   help="sharding rules table (sharding/DESIGN.md); dp_attention also splits the decode batch, and "
+                        "with it the KV cache, over the expert axis (default: default)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="compute dtype: bfloat16 (the default with --checkpoint) or float32 (the default for the "
                         "embedded model)")
@@ -58,21 +67,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=flags.integer(1), default=None, metavar="K",
                    help="decode steps per compiled call (default: the generator's)")
     distributed.add_arguments(p)
+    p.add_argument("--worker-timeout", type=flags.real(1), default=lockstep.DEFAULT_TIMEOUT_S, metavar="S",
+                   help="multi-host: a process silent this long fails the in-flight requests, turns /health 503 and "
+                        f"stops the server (default {lockstep.DEFAULT_TIMEOUT_S:g})")
     return p.parse_args(argv)
 
 
-def build_server(args: argparse.Namespace, model=None, generator=None) -> Server:
+def build_server(args: argparse.Namespace, model=None, generator=None, lockstep_=None) -> Server:
     """A Server over `model` (default: what --checkpoint names, or the embedded tiny chat model) with
     its scheduler's thread started.
 
     generator: what the scheduler runs (default the model's own; tests/serve_util.py passes one
-    that rewrites the replies to scripted prompts)."""
+    that rewrites the replies to scripted prompts). lockstep_: process 0's side of a multi-host run."""
     if model is None:
-        model = load_checkpoint_or_default(args.checkpoint, args.dtype, mesh=args.mesh)
-    scheduler = Scheduler(generator if generator is not None else model.generator, max_batch=args.max_batch,
-                          max_context=args.max_context, max_queue=args.max_queue, max_prefill=args.max_prefill,
-                          steps_per_call=args.steps_per_call).start()
+        model = load_model(args)
+    scheduler = make_scheduler(args, generator if generator is not None else model.generator, lockstep_).start()
     return Server(model, scheduler, args.served_model_name, args.api_key, args.max_body_bytes)
+
+
+def load_model(args: argparse.Namespace):
+    return load_checkpoint_or_default(args.checkpoint, args.dtype, mesh=args.mesh,
+                                      rules=args.rules if args.mesh else None)
+
+
+def make_scheduler(args: argparse.Namespace, generator, lockstep_=None) -> Scheduler:
+    """The scheduler every process builds alike (the same slots, context and batching)."""
+    return Scheduler(generator, max_batch=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
+                     max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_)
+
+
+def follow(args: argparse.Namespace, info: distributed.ProcessInfo, lock: lockstep.Lockstep) -> int:
+    """A process other than 0: load the same model and run process 0's scheduler iterations until it
+    stops (runtime/lockstep.py). It binds no port and answers no one."""
+    print(lockstep.follower_notice(info.process_id, info.num_processes, args.coordinator_address),
+          file=sys.stderr, flush=True)
+    lock.start()  # the heartbeat, while the model loads too
+    try:
+        model = load_model(args)
+        make_scheduler(args, model.generator, lock).follow()
+    except (OSError, ValueError) as e:
+        print(f"error: process {info.process_id}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # not the distributed runtime's shutdown barrier: process 0 may never reach it
+    except Exception as e:  # a failed step: process 0 sees it as a lost process
+        print(f"error: process {info.process_id}: the scheduler stopped: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    print(f"[kimi_jax] process {info.process_id}: process 0 stopped serving; exiting", file=sys.stderr, flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -83,34 +124,72 @@ def main(argv=None) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    lock = None
     if info.num_processes > 1:
-        # Every process would have to run the same decode steps, so process 0 would need to
-        # broadcast each admitted request to the others: not built yet.
-        print("error: serving across several processes is not supported yet; serve from one host "
-              "(all of its devices via --mesh), or use `python -m kimi_jax.generate` for multi-host runs",
-              file=sys.stderr)
-        return 1
+        if not args.mesh:
+            print(f"error: a {info.num_processes}-process server shards the model over every process's devices: "
+                  "pass --mesh, e.g. --mesh expert=8 for 8 devices in all", file=sys.stderr)
+            return 1
+        distributed.python_only_stdout()  # gloo's native logs
+        lock = lockstep.Lockstep.from_jax(args.worker_timeout)
+        if not info.is_main:
+            return follow(args, info, lock)
+        lost = threading.Event()
+        lock.on_lost.append(lambda why: lost.set())
+        lock.start()  # the watchdog, while the model loads too
     try:
         sock = listen(args.host, args.port)  # before the model loads: a bad address fails at once
     except OSError as e:
         print(f"error: --host {args.host} --port {args.port}: cannot listen there: {e}", file=sys.stderr)
-        return 1
+        return _exit(1, lock)
     try:
-        server = build_server(args)
+        server = build_server(args, lockstep_=lock)
     except (OSError, ValueError) as e:  # a missing checkpoint, a mesh that does not fit, a bad config
         print(f"error: {e}", file=sys.stderr)
         sock.close()
-        return 1
+        return _exit(1, lock)
     if not args.checkpoint:
         print("[kimi_jax] embedded tiny chat model: it introduces itself, answers a few facts and sums and calls "
               "a get_weather tool, nothing more; pass --checkpoint for a real model", file=sys.stderr)
     host, port = sock.getsockname()[:2]
-    print(f"[kimi_jax] serving {args.served_model_name!r} on http://{host}:{port}", file=sys.stderr)
+    across = f" across {info.num_processes} processes" if lock else ""
+    print(f"[kimi_jax] serving {args.served_model_name!r} on http://{host}:{port}{across}", file=sys.stderr)
+    web = uvicorn.Server(uvicorn.Config(create_app(server), log_level="info", timeout_graceful_shutdown=30))
+    if lock is not None:  # a lost process: the jobs have failed (scheduler.fail); let their replies go, then stop
+        threading.Thread(target=_stop_when, args=(lost, web), daemon=True).start()
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler that was
+    # there before it: this one, so that the scheduler is stopped (on every process) and the exit is 0.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        uvicorn.Server(uvicorn.Config(create_app(server), log_level="info")).run(sockets=[sock])
+        web.run(sockets=[sock])
+    except (Terminated, KeyboardInterrupt):
+        pass
     finally:
         server.scheduler.stop()
-    return 0
+    return _exit(1 if lock is not None and lost.is_set() else 0, lock)
+
+
+class Terminated(Exception):
+    """SIGTERM, once uvicorn has finished the requests in flight."""
+
+
+def _terminated(sig, frame) -> None:
+    raise Terminated
+
+
+def _stop_when(lost: threading.Event, web: uvicorn.Server, grace_s: float = 2.0) -> None:
+    lost.wait()
+    time.sleep(grace_s)  # the failed streams' last events reach their clients; /health answers 503 meanwhile
+    web.should_exit = True
+
+
+def _exit(code: int, lock) -> int:
+    """The exit status; after a lost process, exit at once: the distributed runtime's shutdown would wait
+    for the lost process (minutes), and the model thread may be stuck in a collective with it."""
+    if lock is not None and code:
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def listen(host: str, port: int) -> socket.socket:

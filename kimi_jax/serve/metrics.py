@@ -41,4 +41,17 @@ def prometheus_text(scheduler) -> str:
     buckets.append(('_bucket{le="+Inf"}', m.ttft_count))
     metric("time_to_first_token_seconds", "histogram", "Seconds from submission to the first token.",
            buckets + [("_sum", round(m.ttft_sum, 6)), ("_count", m.ttft_count)])
+    followers = s.lockstep.processes()
+    if followers:  # a multi-host server: what each other process last reported (runtime/lockstep.py)
+        metric("processes", "gauge", "Processes running the model (this one serves HTTP).",
+               [("", s.lockstep.num_processes)])
+        metric("process_iterations", "gauge", "Scheduler iterations each process has run.",
+               [('{process="0"}', s.iterations)] + [(f'{{process="{p}"}}', step + 1)
+                                                       for p, (step, _) in sorted(followers.items())])
+        metric("lockstep_publish_seconds_total", "counter",
+               "Seconds process 0 spent publishing each iteration's events to the other processes.",
+               [("", round(s.lockstep.publish_seconds, 6))])
+        metric("process_active_slots", "gauge", "Decode slots in use on each process (the same when in step).",
+               [('{process="0"}', s.active)] + [(f'{{process="{p}"}}', active)
+                                                    for p, (_, active) in sorted(followers.items())])
     return "\n".join(lines) + "\n"

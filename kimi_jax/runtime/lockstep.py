@@ -1,0 +1,201 @@
+"""Serving across processes: process 0 decides, every process runs the same compiled steps.
+
+A model sharded over several hosts runs each compiled program on all of them at once, so every
+process must call the same programs with the same inputs in the same order. The scheduler
+(runtime/scheduler.py) is deterministic given what arrives from outside: new requests,
+cancellations and the stop. So process 0, which alone serves HTTP, writes those *events* of each
+scheduler iteration to the `jax.distributed` coordination service's key-value store before it
+acts on them, and every other process reads iteration n's events, applies them to its own copy
+of the scheduler and runs iteration n. Tokens are sampled on device with each request's seed,
+so every process computes the same tokens and makes the same decisions from them (which slots
+finish, what to admit next); only process 0 hands tokens to clients.
+
+Liveness. Each follower writes a heartbeat (a counter and the last iteration it finished) every
+`heartbeat_s`; a watchdog thread on process 0 reads them, deletes the events every follower has
+read, and calls `on_lost` when a follower's counter has not moved for `timeout_s` (SIGKILL,
+crash, a hung host). A follower that loses process 0 is ended by JAX's distributed runtime,
+which aborts every process whose coordinator is gone ("Terminating process because the JAX
+distributed service detected fatal errors"); `follower_notice` says so, with the address, when
+the follower starts.
+
+Messages are JSON: `[{"submit": id, "request": {...}}, {"cancel": id}, {"stop": true}]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.sampling import SamplingParams
+
+PREFIX = "kimi_jax/serve"
+DEFAULT_TIMEOUT_S = 30.0  # a follower silent this long is lost (--worker-timeout)
+HEARTBEAT_S = 1.0
+POLL_MS = 1000  # a follower's wait for the next iteration is a loop of gets this long
+
+
+class Solo:
+    """One process: nothing to tell anyone."""
+
+    leader = True
+    num_processes = 1
+
+    def __init__(self) -> None:
+        self.on_lost: list[Callable[[str], None]] = []  # never called: there is no one to lose
+
+    def publish(self, step: int, events: list[dict[str, Any]]) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def finished(self, step: int, active: int) -> None:
+        pass
+
+    def processes(self) -> dict[int, tuple[int, int]]:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+
+class Lockstep:
+    """Process 0 publishes each iteration's events; the others receive them (module docstring).
+
+    client: the coordination service client (`jax._src.distributed.global_state.client`, or
+    anything with key_value_set / blocking_key_value_get / key_value_try_get / key_value_delete).
+    """
+
+    def __init__(self, client, process_id: int, num_processes: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 heartbeat_s: float = HEARTBEAT_S):
+        self.client, self.process_id, self.num_processes = client, process_id, num_processes
+        self.leader = process_id == 0
+        self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
+        self._done, self._active = -1, 0  # the last iteration this process finished, and its slots in use then
+        self._seen: dict[int, tuple[int, int]] = {}  # process 0: each follower's last reported (iteration, active)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_lost: list[Callable[[str], None]] = []  # process 0: called (once) with why a follower is lost
+        self.publish_seconds = 0.0  # time spent writing events (process 0), for /metrics
+        self.receive_waits = 0
+
+    @classmethod
+    def from_jax(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> Lockstep | Solo:
+        """The lockstep of this JAX process (Solo when there is one process)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return Solo()
+        from jax._src.distributed import global_state
+
+        return cls(global_state.client, jax.process_index(), jax.process_count(), timeout_s)
+
+    # Events --------------------------------------------------------------------------------------
+    def publish(self, step: int, events: list[dict[str, Any]]) -> None:
+        """Process 0: iteration `step`'s events, written before process 0 acts on them."""
+        start = time.perf_counter()
+        self.client.key_value_set(f"{PREFIX}/step/{step}", json.dumps(events, separators=(",", ":")))
+        self.publish_seconds += time.perf_counter() - start
+
+    def receive(self, step: int) -> list[dict[str, Any]]:
+        """A follower: iteration `step`'s events, waiting as long as process 0 has nothing to do."""
+        key = f"{PREFIX}/step/{step}"
+        while True:
+            try:
+                return json.loads(self.client.blocking_key_value_get(key, POLL_MS))
+            except Exception as e:  # the runtime's error type; a timeout just means process 0 is idle
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+                self.receive_waits += 1
+
+    def finished(self, step: int, active: int) -> None:
+        """This process has run iteration `step` and holds `active` jobs in its slots (followers report
+        both in their heartbeat)."""
+        self._done, self._active = step, active
+
+    def processes(self) -> dict[int, tuple[int, int]]:
+        """Process 0: each follower's (last iteration run, slots in use), from its last heartbeat."""
+        return dict(self._seen)
+
+    # Liveness ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Followers: start the heartbeat. Process 0: start the watchdog, which calls each of
+        `on_lost` once if a follower falls silent for `timeout_s`. Start both as soon as the
+        processes have joined, so that a follower lost while the model loads is noticed too.
+        Starting again does nothing."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch if self.leader else self._beat,
+                                            name="kimi-jax-lockstep", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            try:
+                self.client.key_value_set(f"{PREFIX}/alive/{self.process_id}",
+                                          f"{count} {self._done} {self._active}", allow_overwrite=True)
+            except Exception:  # the coordinator is gone: the runtime ends this process
+                return
+            self._stop.wait(self.heartbeat_s)
+
+    def _watch(self) -> None:
+        followers = range(1, self.num_processes)
+        seen = {p: (None, time.monotonic()) for p in followers}
+        deleted = -1
+        while not self._stop.wait(self.heartbeat_s / 2):
+            now, done = time.monotonic(), []
+            for p in followers:
+                try:
+                    value = self.client.key_value_try_get(f"{PREFIX}/alive/{p}")
+                except Exception:  # NOT_FOUND: no heartbeat yet (timed from the watchdog's start)
+                    value = None
+                if value != seen[p][0]:
+                    seen[p] = (value, now)
+                elif now - seen[p][1] > self.timeout_s:
+                    why = (f"process {p} of {self.num_processes} stopped answering (no heartbeat for "
+                           f"{now - seen[p][1]:.0f} s; --worker-timeout {self.timeout_s:g}): the model spans every "
+                           "process, so this server cannot go on; restart all processes")
+                    print(f"[kimi_jax] error: {why}", file=sys.stderr, flush=True)
+                    for callback in list(self.on_lost):
+                        callback(why)
+                    return
+                if value:
+                    _, step, active = map(int, value.split())
+                    self._seen[p] = (step, active)
+                done.append(self._seen.get(p, (-1, 0))[0])
+            # Events every follower has run are read: drop them from the store.
+            for step in range(deleted + 1, min(done, default=-1) + 1):
+                self.client.key_value_delete(f"{PREFIX}/step/{step}")
+                deleted = step
+
+
+def follower_notice(process_id: int, num_processes: int, coordinator: str | None) -> str:
+    return (f"[kimi_jax] process {process_id} of {num_processes}: following process 0 (coordinator "
+            f"{coordinator or 'from the TPU metadata'}); it serves HTTP, this process binds nothing. If process 0 "
+            f"goes away, JAX's distributed runtime ends this process ('Terminating process because the JAX "
+            f"distributed service detected fatal errors')")
+
+
+# Requests on the wire ------------------------------------------------------------------------------
+def request_to_json(request: Request) -> dict[str, Any]:
+    s = request.sampling
+    return {"prompt": list(request.prompt), "max_new_tokens": request.max_new_tokens,
+            "stop_ids": list(request.stop_ids), "logprobs": request.logprobs,
+            "sampling": {**dataclasses.asdict(s), "logit_bias": [list(p) for p in s.logit_bias]}}
+
+
+def request_from_json(data: dict[str, Any]) -> Request:
+    s = data["sampling"]
+    sampling = SamplingParams(**{**s, "logit_bias": tuple((int(t), b) for t, b in s["logit_bias"])})
+    return Request(tuple(data["prompt"]), data["max_new_tokens"], sampling, tuple(data["stop_ids"]),
+                   data["logprobs"])

@@ -1,0 +1,171 @@
+"""Serving across processes: 2 local processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo)
+serve the embedded model on one 8-device mesh, process 0 answering HTTP. The official `openai`
+client gets the same replies as from one process with 8 devices on the same mesh and as
+`Model.chat`; a disconnect frees the slot on both processes; SIGKILL of process 1 fails the stream
+and turns /health non-200 within --worker-timeout, leaving no process; SIGTERM of process 0 ends both."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import httpx  # noqa: E402  (test extra: missing is an install error, not a skip)
+import openai  # noqa: E402
+import pytest
+from serve_util import TOOLS, LiveServer, metrics  # noqa: E402
+
+from kimi_jax.bench.multihost import ServeProcesses, endless
+
+pytestmark = [pytest.mark.sharded, pytest.mark.slow]
+
+MESH = "expert=4,tensor=2"
+MODEL = "kimi-k2-instruct"
+SERVE = ["--mesh", MESH, "--max-batch", "4", "--max-context", "512", "--max-prefill", "4"]
+WORKER_TIMEOUT = 6
+
+
+class TwoProcesses(ServeProcesses):
+    """Processes 0 and 1 of 2, 4 CPU devices each, as scripts/launch_local.sh starts them."""
+
+    def __init__(self, logs: Path):
+        super().__init__(2, 4, [*SERVE, "--worker-timeout", str(WORKER_TIMEOUT)], logs)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    server = TwoProcesses(tmp_path_factory.mktemp("two-process-serve"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def one():
+    """One process, 8 devices, the same mesh: the server in this test process."""
+    from kimi_jax.runtime.default_model import load_default
+    from kimi_jax.serve.app import create_app
+    from kimi_jax.serve.cli import build_server, parse_args
+
+    srv = build_server(parse_args(SERVE), load_default(mesh=MESH))
+    live = LiveServer(create_app(srv))
+    yield live
+    live.close()
+    srv.scheduler.stop()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+ASKS = [  # (messages, tools, stream)
+    ([{"role": "user", "content": "Who are you?"}], None, False),
+    ([{"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."},
+      {"role": "user", "content": [{"type": "text", "text": "Please give a brief self-introduction."}]}], None, True),
+    ([{"role": "user", "content": "What is the capital of France?"}], None, True),
+    ([{"role": "user", "content": "What's the weather like in Beijing today? Let's check using the tool."}], TOOLS,
+     False),
+]
+
+
+def _ask(client: openai.OpenAI, messages, tools, stream: bool):
+    """(content, tool calls as (name, arguments), finish reason) of one greedy chat completion."""
+    kwargs = dict(model=MODEL, messages=messages, temperature=0, max_tokens=48, **({"tools": tools} if tools else {}))
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        return choice.message.content, calls, choice.finish_reason
+    text, finish = "", None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, [], finish
+
+
+def _concurrently(url: str) -> list:
+    client = _client(url)
+    with concurrent.futures.ThreadPoolExecutor(len(ASKS)) as pool:
+        return list(pool.map(lambda a: _ask(client, *a), ASKS))
+
+
+def test_two_processes_answer_as_one_process_and_model_chat(two, one):
+    from kimi_jax.runtime.default_model import load_default
+
+    alone = [_ask(_client(two.url), *a) for a in ASKS]  # one at a time, then all four at once
+    together = _concurrently(two.url)
+    on_one = _concurrently(one.url)
+    model = load_default()
+    direct = [model.chat(m, tools=t, temperature=0, max_new_tokens=48) for m, t, _ in ASKS]
+    for (messages, _, stream), a, b, c, d in zip(ASKS, alone, together, on_one, direct):
+        assert a == b == c, (messages, a, b, c)
+        calls = [(x["function"]["name"], x["function"]["arguments"]) for x in d["tool_calls"]]
+        assert a[0] == d["content"] or (not a[0] and not d["content"]), (a, d)
+        if not stream:
+            assert a[1] == calls, (a, d)
+    assert alone[3][1] and alone[3][1][0][0] == "get_weather"  # the tool call came back as a call
+    assert "Kimi" in alone[0][0]
+
+
+def test_disconnect_frees_the_slot_on_both_processes(two):
+    body = {**endless(MODEL, "Count:", 400, _stop_tokens()), "stream": True}  # runs until cancelled
+    with httpx.stream("POST", f"{two.url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data:")
+            if events >= 3:
+                break
+    deadline = time.time() + 60
+    while True:
+        m = metrics(two.url)
+        if m.get('process_active_slots{process="0"}') == 0 and m.get('process_active_slots{process="1"}') == 0 \
+                and m.get('requests_total{finish_reason="cancelled"}', 0) >= 1:
+            break
+        assert time.time() < deadline, m
+        time.sleep(0.5)
+    assert m["processes"] == 2
+    assert two.healthy()
+
+
+def _stop_tokens() -> list[int]:
+    from kimi_jax.runtime.default_model import default_checkpoint
+    from kimi_jax.text.tokenizer import load_tokenizer
+
+    return list(load_tokenizer(default_checkpoint()).stop_ids)
+
+
+def test_sigterm_of_process_0_ends_both(two):
+    two.procs[0].send_signal(signal.SIGTERM)
+    codes = two.wait(90)
+    assert codes == [0, 0], (codes, two.stderr(0)[-2000:], two.stderr(1)[-2000:])
+    assert "process 0 stopped serving" in two.stderr(1)
+
+
+def test_sigkill_of_process_1_fails_the_stream_and_health(tmp_path):
+    server = TwoProcesses(tmp_path)
+    try:
+        body = {**endless(MODEL, "Count:", 480, _stop_tokens()), "stream": True}
+        lines = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if sum(x.startswith("data:") for x in lines) == 3:
+                    server.procs[1].kill()
+                    killed = time.time()
+        health = None
+        while time.time() - killed < WORKER_TIMEOUT + 20:
+            with contextlib.suppress(httpx.HTTPError):
+                health = httpx.get(f"{server.url}/health", timeout=2).status_code
+            if health != 200:
+                break
+            time.sleep(0.3)
+        assert health != 200 and time.time() - killed < WORKER_TIMEOUT + 20
+        text = "\n".join(lines)
+        assert "error" in text and "[DONE]" not in text.split("error")[0][-20:], text[-1000:]
+        codes = server.wait(60)
+        assert None not in codes, "a process is left running"
+        assert codes[0] != 0 and "process 1 of 2" in server.stderr(0), server.stderr(0)[-2000:]
+    finally:
+        server.kill()
