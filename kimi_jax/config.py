@@ -199,7 +199,7 @@ class Config:
         """A config.json dictionary that `from_hf_dict` reads back to this config (the K2.5 wrapper,
         `text_config` inside, when the weights carry the `language_model.` prefix)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("rope_scaling", "weight_block_size", "name", "int4", "weights_prefix")}
+             if f.name not in ("rope_scaling", "weight_block_size", "name", "int4", "weights_prefix", "vocab_padding")}
         d.update(architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", hidden_act="silu",
                  num_key_value_heads=self.num_attention_heads, attention_bias=False,
                  moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc",
