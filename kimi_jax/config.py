@@ -133,6 +133,9 @@ class Config:
     int4: Int4Quant | None = None
     # Prefix of every text-model tensor name: "language_model." in the K2.5/K2.6 layout.
     weights_prefix: str = ""
+    # Rows added to the embedding and lm_head so that a mesh can split the vocabulary evenly
+    # (`with_vocab_multiple`; never in config.json): their logits are masked, their ids never valid.
+    vocab_padding: int = 0
 
     def __post_init__(self):
         for field, (kind, lo) in _FIELD_TYPES.items():
@@ -161,6 +164,17 @@ class Config:
 
     # Derived sizes -------------------------------------------------------------------------
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and lm_head as held on devices (vocab_size + vocab_padding)."""
+        return self.vocab_size + self.vocab_padding
+
+    def with_vocab_multiple(self, multiple: int) -> Config:
+        """This config with the vocabulary padded up to a multiple of `multiple` (the shards it splits
+        into); itself when it already divides."""
+        padding = -self.vocab_size % multiple
+        return self if padding == self.vocab_padding else dataclasses.replace(self, vocab_padding=padding)
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -185,7 +199,7 @@ class Config:
         """A config.json dictionary that `from_hf_dict` reads back to this config (the K2.5 wrapper,
         `text_config` inside, when the weights carry the `language_model.` prefix)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("rope_scaling", "weight_block_size", "name", "int4", "weights_prefix")}
+             if f.name not in ("rope_scaling", "weight_block_size", "name", "int4", "weights_prefix", "vocab_padding")}
         d.update(architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", hidden_act="silu",
                  num_key_value_heads=self.num_attention_heads, attention_bias=False,
                  moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc",

@@ -30,8 +30,8 @@ WORKER_TIMEOUT = 6
 class TwoProcesses(ServeProcesses):
     """Processes 0 and 1 of 2, 4 CPU devices each, as scripts/launch_local.sh starts them."""
 
-    def __init__(self, logs: Path):
-        super().__init__(2, 4, [*SERVE, "--worker-timeout", str(WORKER_TIMEOUT)], logs)
+    def __init__(self, logs: Path, *extra: str):
+        super().__init__(2, 4, [*SERVE, "--worker-timeout", str(WORKER_TIMEOUT), *extra], logs)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,47 @@ def _stop_tokens() -> list[int]:
     from kimi_jax.text.tokenizer import load_tokenizer
 
     return list(load_tokenizer(default_checkpoint()).stop_ids)
+
+
+def test_a_vocabulary_tensor_does_not_divide_serves_transformers_tokens(tmp_path):
+    """The embedded model with 3 more vocabulary rows (1027: odd, so `tensor=2` splits it only padded),
+    served by 2 processes: its greedy reply is transformers' greedy tokens."""
+    import dataclasses
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from kimi_jax.bench.oracle import hf_model
+    from kimi_jax.checkpoint.hf import save_hf_checkpoint
+    from kimi_jax.runtime.default_model import default_checkpoint, load_default
+
+    base = load_default()
+    cfg = dataclasses.replace(base.config, vocab_size=base.config.vocab_size + 3)
+    rows = jax.random.normal(jax.random.key(0), (3, cfg.hidden_size), jnp.float32) * 0.02
+    params = {**base.params, **{k: jnp.concatenate([base.params[k], rows.astype(base.params[k].dtype)])
+                                for k in ("embed", "lm_head")}}
+    ckpt = save_hf_checkpoint(params, cfg, tmp_path / "odd-vocab")
+    shutil.copy(default_checkpoint() / "tokenizer.model", ckpt / "tokenizer.model")
+    tok = base.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True)
+    out = hf_model(params, cfg).generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                         eos_token_id=list(tok.stop_ids), pad_token_id=0,
+                                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    ids = out[0, len(prompt):].tolist()
+    want = tok.decode(ids[:-1] if ids[-1] in tok.stop_ids else ids)
+    assert want.strip(), ids
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = TwoProcesses(logs, "--checkpoint", str(ckpt), "--dtype", "float32")
+    try:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=300).json()
+        assert reply["choices"][0]["text"] == want, (reply, want)
+    finally:
+        server.kill()
 
 
 def test_sigterm_of_process_0_ends_both(two):

@@ -130,7 +130,7 @@ class HFReader:
         `weight_shape` says [out, in] (read from the headers; only `weight_shape` values are read)."""
         spec = leaf.spec
         for part, (shape, _) in stored_parts(self.cfg, spec, leaf.shape).items():
-            per_tensor = shape[len(shape) - len(spec.shape) + spec.per_expert:]
+            per_tensor = stored_shape(spec, shape[len(shape) - len(spec.shape) + spec.per_expert:])
             for _, name in expected_names(leaf):
                 self._tensor(name + part_suffixes(spec)[part], per_tensor, source_dtypes(spec, part))
         if spec.kind == INT4 and spec.quantized:
@@ -163,6 +163,15 @@ class HFReader:
             len(range(*s.indices(n))) for s, n in zip(inner, per_tensor))
         out = np.empty(out_shape, out_dtype)
         names = dict(expected_names(leaf))
+        stored = stored_shape(spec, per_tensor)
+        if stored != per_tensor:  # padded rows (the vocabulary): read the stored ones, zeros after them
+            rows = range(*inner[0].indices(per_tensor[0]))
+            kept = len([r for r in rows if r < stored[0]])
+            out[...] = 0
+            if kept:
+                part = self._tensor(names[()] + suffix, stored, dtypes)
+                out[:kept] = part[(slice(rows.start, rows.start + kept * rows.step, rows.step), *inner[1:])]
+            return out
         for pos in np.ndindex(*out_shape[:n_stack]):
             src = tuple(r[i] for r, i in zip(stack_ranges, pos))
             name = names[src] + suffix
@@ -171,6 +180,11 @@ class HFReader:
 
     def close(self) -> None:
         self.files.close()
+
+
+def stored_shape(spec, per_tensor: tuple[int, ...]) -> tuple[int, ...]:
+    """A checkpoint tensor's shape: `per_tensor` with the stored row count when the rows are padded."""
+    return per_tensor if spec.stored_rows is None else (spec.stored_rows, *per_tensor[1:])
 
 
 Placer = Callable[[Leaf, str, tuple[int, ...], Callable[[Any], np.ndarray]], jax.Array]
@@ -226,7 +240,7 @@ def hf_tensors(params: dict[str, Any], cfg: Config):
                 yield name, np.asarray(node.values[index]).view(ml_dtypes.float8_e4m3fn)
                 yield name + SCALE_SUFFIX, np.asarray(node.scales[index])
             else:
-                yield name, np.asarray(node[index])
+                yield name, np.asarray(node[index])[:leaf.spec.stored_rows]  # a padded vocabulary unpadded
 
 
 def save_hf_checkpoint(params: dict[str, Any], cfg: Config, directory: str | os.PathLike,

@@ -59,8 +59,12 @@ def item_dir(root: str | os.PathLike, leaf: Leaf) -> Path:
 
 
 def expected_parts(cfg: Config, leaf: Leaf) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{"values": (shape, dtype)[, "scales": ...]} of a weight group as stored on disk (fp8 as float8_e4m3fn)."""
-    return stored_parts(cfg, leaf.spec, leaf.shape, FP8)
+    """{"values": (shape, dtype)[, "scales": ...]} of a weight group as stored on disk (fp8 as float8_e4m3fn);
+    a padded vocabulary is stored unpadded."""
+    parts = stored_parts(cfg, leaf.spec, leaf.shape, FP8)
+    if leaf.spec.stored_rows is not None:
+        parts = {k: ((leaf.spec.stored_rows, *shape[1:]), dtype) for k, (shape, dtype) in parts.items()}
+    return parts
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -200,7 +204,11 @@ def load_orbax_params(path: str | os.PathLike, cfg: Config,
                      "scales": sharding.scales if sharding is not None else single}
         else:
             parts = {"values": sharding if sharding is not None else single}
-        args = {k: ocp.ArrayRestoreArgs(sharding=s) for k, s in parts.items()}
+        if leaf.spec.stored_rows is None:
+            args = {k: ocp.ArrayRestoreArgs(sharding=s) for k, s in parts.items()}
+        else:  # the vocabulary padded for the mesh: restored into the larger shape, zeros after the stored rows
+            args = {k: ocp.ArrayRestoreArgs(sharding=s, global_shape=leaf.shape, strict=False)
+                    for k, s in parts.items()}
         with ocp.PyTreeCheckpointer() as ckpt:
             out = ckpt.restore(item_dir(path, leaf), args=ocp.args.PyTreeRestore(restore_args=args))
         release_host_memory()

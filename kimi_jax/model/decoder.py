@@ -95,7 +95,17 @@ class Transformer(nn.Module):
         x = rms_norm(x, p["final_norm"], cfg.rms_norm_eps).astype(self.dtype)
         if return_hidden:
             return x, new_cache
-        return self.backend.logits(x, p["lm_head"], self.dtype), new_cache
+        return vocab_logits(cfg, self.backend, x, p["lm_head"], self.dtype), new_cache
+
+
+def vocab_logits(cfg: Config, backend, x: jax.Array, lm_head, dtype) -> jax.Array:
+    """The lm_head's logits, f32 [..., padded vocab]; rows added to pad the vocabulary for a mesh
+    (`Config.vocab_padding`) get the lowest float, so they are never sampled."""
+    logits = backend.logits(x, lm_head, dtype)
+    if cfg.vocab_padding:
+        real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+    return logits
 
 
 def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.bfloat16) -> dict[str, LatentCache]:

@@ -49,6 +49,7 @@ class ParamSpec:
     quantized: bool = False
     init: str = "normal"  # "normal" (std 0.02), "ones" or "zeros"
     kind: str = FP8_KIND  # how a quantized weight is stored (quant.QArray kinds)
+    stored_rows: int | None = None  # rows in the checkpoint when `shape[0]` is padded (the vocabulary)
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -165,8 +166,9 @@ LAYER_GROUPS = {
 def model_specs(cfg: Config) -> dict[str, Any]:
     """The whole model's declarations. Layer groups are per-layer specs (stacking adds a `layers` axis)."""
     p = cfg.weights_prefix
-    specs: dict[str, Any] = {"embed": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                                p + "model.embed_tokens.weight")}
+    rows = cfg.vocab_size if cfg.vocab_padding else None  # padded rows read as zeros, never written
+    specs: dict[str, Any] = {"embed": ParamSpec((cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                                p + "model.embed_tokens.weight", stored_rows=rows)}
     for group, (_, count, moe) in LAYER_GROUPS.items():
         if count(cfg):
             specs[group] = layer_specs(cfg, moe)
@@ -174,7 +176,8 @@ def model_specs(cfg: Config) -> dict[str, Any]:
     if cfg.int4 is not None and cfg.int4.quantizes(p + "lm_head"):
         raise ConfigError(f"quantization_config makes '{p}lm_head' INT4; kimi_jax keeps lm_head unquantized "
                           "(every Kimi INT4 release lists it in 'ignore'): add \"re:.*lm_head.*\" to the ignore list")
-    specs["lm_head"] = ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), p + "lm_head.weight")
+    specs["lm_head"] = ParamSpec((cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"), p + "lm_head.weight",
+                                 stored_rows=rows)
     return specs
 
 

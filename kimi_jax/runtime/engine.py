@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,15 @@ class Model:
 
     def __init__(self, config: Config, params: dict[str, Any], dtype: str | Any = "bfloat16",
                  mesh: Any = None, backend: Backend | str | None = None, tokenizer: Any = None, rules: Any = None):
-        self.config = config
         self.tokenizer = tokenizer  # a kimi_jax.text.tokenizer.Tokenizer, or None
         self.dtype = compute_dtype(dtype)
         # On a mesh: `layout` maps the model's logical axes to devices (sharding.MeshLayout);
         # `mesh` is the jax.sharding.Mesh. Params already placed by `load` stay where they are.
         self.layout = UNSHARDED if mesh is None else mesh_layout(mesh, config, rules)
         self.mesh = getattr(self.layout, "mesh", None)
+        # A vocabulary the mesh does not split is padded (Config.vocab_padding; masked in the logits).
+        self.config = config = fit_vocab(config, self.layout)
+        params = pad_vocab(params, config)
         self.params = params if self.mesh is None else jax.device_put(params, self.layout.param_shardings(config))
         # How products run, chosen once for the devices the model lives on (kimi_jax.kernels.choose).
         self.backend = backend_for(self.layout, backend)
@@ -83,6 +86,7 @@ class Model:
             tokens = np.pad(tokens, ((0, pad), (0, 0)))
             positions = np.pad(positions, ((0, pad), (0, 0)), constant_values=-1)
         out = np.asarray(jax.block_until_ready(self._forward(self.params, tokens, positions)))[:b]
+        out = out[..., :self.config.vocab_size]  # without the rows that pad the vocabulary for a mesh
         return out[0] if squeeze else out
 
     # Generation: thin wrappers over kimi_jax.runtime.generation---------------------------------------
@@ -151,6 +155,7 @@ def load(path: str | os.PathLike, dtype: str | Any = "bfloat16", mesh: Any = Non
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = Config.from_json(path)
     layout = UNSHARDED if mesh is None else mesh_layout(mesh, config, rules)
+    config = fit_vocab(config, layout)  # read with zero rows after the checkpoint's when padded
     backend = backend_for(layout, backend)
     storage = backend.fp8_storage
     if is_orbax_checkpoint(path):  # converted by kimi_jax.convert: each group restored into its sharding
@@ -182,8 +187,27 @@ def mesh_layout(mesh: Any, config: Config, rules: Any = None):
     """A `sharding.MeshLayout` for a mesh spec ("data=1,expert=4,tensor=2", a dict or a Mesh) and rules
     table, checked against the config: a dimension that does not split is a MeshError naming it."""
     layout = MeshLayout.build(mesh, rules)
-    layout.param_shardings(config)  # raises on the first weight that cannot split
+    layout.param_shardings(fit_vocab(config, layout))  # raises on the first weight that cannot split
     return layout
+
+
+def fit_vocab(config: Config, layout: Layout) -> Config:
+    """`config` with its vocabulary padded to split evenly over the mesh axes the layout's rules give
+    it (fine-tuned checkpoints add tokens: 163,842 splits over no even `tensor`); unchanged off a mesh
+    or when it divides."""
+    mesh = getattr(layout, "mesh", None)
+    if mesh is None:
+        return config
+    return config.with_vocab_multiple(math.prod(mesh.shape[a] for a in layout.rules.mesh_axes("vocab")))
+
+
+def pad_vocab(params: dict[str, Any], config: Config) -> dict[str, Any]:
+    """Zero rows appended to the embedding and lm_head of `params` held at the checkpoint's vocabulary
+    (params `load` read are already padded)."""
+    if not config.vocab_padding or params["embed"].shape[0] == config.padded_vocab_size:
+        return params
+    pad = lambda w: jnp.pad(w, ((0, config.vocab_padding), (0, 0)))  # noqa: E731
+    return {**params, "embed": pad(params["embed"]), "lm_head": pad(params["lm_head"])}
 
 
 def _find_tokenizer(path: Path):

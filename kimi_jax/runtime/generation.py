@@ -33,7 +33,7 @@ import numpy as np
 from kimi_jax.config import Config
 from kimi_jax.model.attention import LatentCache
 from kimi_jax.model.backend import REFERENCE, Backend
-from kimi_jax.model.decoder import Transformer, init_cache
+from kimi_jax.model.decoder import Transformer, init_cache, vocab_logits
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.runtime.sampling import (
     DEFAULT_TEMPERATURE,
@@ -299,14 +299,14 @@ class Generator:
         cache = self._place_cache(init_cache(self.cfg, u, t, self.dtype))
         hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
         last = hidden[jnp.arange(u), jnp.maximum(lengths - 1, 0)]  # (U, D): only these need logits
-        logits = self.backend.logits(last, params["lm_head"], self.dtype)
+        logits = vocab_logits(self.cfg, self.backend, last, params["lm_head"], self.dtype)
         if gather is not None:  # (U, …) -> (B, …)
             logits = logits[gather]
             cache = self._place_cache(jax.tree.map(lambda c: jnp.take(c, gather, axis=1), cache))
         b = row_lengths.shape[0]
         # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
         start = DecodeState(jnp.zeros(b, jnp.int32), row_lengths - 1, jnp.zeros(b, jnp.int32), row_lengths == 0,
-                            jnp.zeros((b, self.cfg.vocab_size), jnp.int32))
+                            jnp.zeros((b, self.cfg.padded_vocab_size), jnp.int32))
         first = _next(logits, start, rows, adjust)
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         return logits, cache, state, emitted

@@ -278,7 +278,7 @@ class Scheduler:
             self._cache = jax.device_put(self._cache, g.layout.cache_shardings(g.cfg, b, self.max_context))
         # Host copies (every slot starts free: done), but the [B, V] token counts stay on device.
         self._state = DecodeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
-                                  np.ones(b, bool), jnp.zeros((b, g.cfg.vocab_size), jnp.int32))
+                                  np.ones(b, bool), jnp.zeros((b, g.cfg.padded_vocab_size), jnp.int32))
         self._rows = Rows(np.zeros(b, np.float32), np.ones(b, np.float32), np.zeros(b, np.int32),
                           np.zeros(b, np.uint32), np.ones(b, np.int32), np.full((b, MAX_STOP_IDS), -1, np.int32),
                           np.zeros(b, np.float32), np.zeros(b, np.float32),
