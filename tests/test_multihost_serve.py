@@ -2,7 +2,8 @@
 serve the embedded model on one 8-device mesh, process 0 answering HTTP. The official `openai`
 client gets the same replies as from one process with 8 devices on the same mesh and as
 `Model.chat`; a disconnect frees the slot on both processes; SIGKILL of process 1 fails the stream
-and turns /health non-200 within --worker-timeout, leaving no process; SIGTERM of process 0 ends both."""
+and turns /health non-200 within --worker-timeout, leaving no process; SIGKILL of process 0 ends process 1
+with a line naming the coordinator; SIGTERM of process 0 ends both."""
 
 from __future__ import annotations
 
@@ -184,6 +185,19 @@ def test_sigterm_of_process_0_ends_both(two):
     assert "process 0 stopped serving" in two.stderr(1)
 
 
+def test_a_process_that_loses_process_0_exits_naming_the_coordinator(tmp_path):
+    server = TwoProcesses(tmp_path)
+    try:
+        server.procs[0].kill()
+        codes = server.wait(60)
+        assert codes[1] == 1, (codes, server.stderr(1)[-2000:])
+        assert f"process 1 of 2 lost process 0 (coordinator {server.coordinator})" in server.stderr(1)
+        time.sleep(1)
+        assert not server.leftovers()
+    finally:
+        server.kill()
+
+
 def test_sigkill_of_process_1_fails_the_stream_and_health(tmp_path):
     server = TwoProcesses(tmp_path)
     try:
@@ -206,7 +220,7 @@ def test_sigkill_of_process_1_fails_the_stream_and_health(tmp_path):
         text = "\n".join(lines)
         assert "error" in text and "[DONE]" not in text.split("error")[0][-20:], text[-1000:]
         codes = server.wait(60)
-        assert None not in codes, "a process is left running"
+        assert None not in codes and not server.leftovers(), "a process is left running"
         assert codes[0] != 0 and "process 1 of 2" in server.stderr(0), server.stderr(0)[-2000:]
     finally:
         server.kill()

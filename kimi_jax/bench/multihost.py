@@ -37,6 +37,7 @@ class ServeProcesses:
 
     def __init__(self, n: int, devices: int, args: list[str], logs: Path, ready_s: float = 240):
         self.port, coordinator = free_port(), free_port()
+        self.coordinator = f"127.0.0.1:{coordinator}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = logs
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("KIMI_")}
@@ -73,6 +74,11 @@ class ServeProcesses:
         while time.time() < deadline and any(p.poll() is None for p in self.procs):
             time.sleep(0.2)
         return [p.poll() for p in self.procs]
+
+    def leftovers(self) -> list[str]:
+        """Processes still running that were started for this server's port (supervised children too)."""
+        found = subprocess.run(["pgrep", "-af", f"kimi_jax.serve --port {self.port} "], capture_output=True, text=True)
+        return [line for line in found.stdout.splitlines() if "pgrep" not in line]
 
     def kill(self) -> None:
         for p in self.procs:

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"env {ENV['init_timeout']})")
 
 
-def _setting(args: argparse.Namespace, name: str, cast=int):
+def setting(args: argparse.Namespace, name: str, cast=int):
     value = getattr(args, name, None)
     if value is None and os.environ.get(ENV[name]):
         raw = os.environ[ENV[name]]
@@ -90,10 +90,10 @@ def initialize(args: argparse.Namespace) -> ProcessInfo:
     """
     import jax
 
-    address = _setting(args, "coordinator_address", str)
-    num, pid = _setting(args, "num_processes"), _setting(args, "process_id")
-    cpu_devices = _setting(args, "num_cpu_devices")
-    timeout = _setting(args, "init_timeout") or DEFAULT_TIMEOUT_S
+    address = setting(args, "coordinator_address", str)
+    num, pid = setting(args, "num_processes"), setting(args, "process_id")
+    cpu_devices = setting(args, "num_cpu_devices")
+    timeout = setting(args, "init_timeout") or DEFAULT_TIMEOUT_S
     if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     if _tpu_pod(args):

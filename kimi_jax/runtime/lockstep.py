@@ -14,17 +14,22 @@ Liveness. Each follower writes a heartbeat (a counter and the last iteration it 
 `heartbeat_s`; a watchdog thread on process 0 reads them, deletes the events every follower has
 read, and calls `on_lost` when a follower's counter has not moved for `timeout_s` (SIGKILL,
 crash, a hung host). A follower that loses process 0 is ended by JAX's distributed runtime,
-which aborts every process whose coordinator is gone ("Terminating process because the JAX
-distributed service detected fatal errors"); `follower_notice` says so, with the address, when
-the follower starts.
+which aborts every process whose coordinator is gone (SIGABRT, "Terminating process because
+the JAX distributed service detected fatal errors"). So a follower whose process id is known
+before it joins runs as a child of a small supervisor (`supervise`), which turns that abort into
+an exit status 1 and a line naming the coordinator.
 
 Messages are JSON: `[{"submit": id, "request": {...}}, {"cancel": id}, {"stop": true}]`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -179,11 +184,39 @@ class Lockstep:
                 deleted = step
 
 
+SUPERVISED = "KIMI_SERVE_SUPERVISED"  # set in the supervised child's environment
+
+
+def supervise(argv: list[str], process_id: int, num_processes: int, coordinator: str) -> int:
+    """Run this follower (`python -m kimi_jax.serve ARGV`) as a child and exit as it did, except that
+    an abort by JAX's runtime (the coordinator is gone) becomes status 1 and a line naming it.
+    SIGTERM and SIGINT are passed on; the child dies with the supervisor (`die_with_parent`)."""
+    child = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", *argv], env={**os.environ, SUPERVISED: "1"})
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _: child.send_signal(s))
+    code = child.wait()
+    if code in (-signal.SIGABRT, 128 + signal.SIGABRT):
+        print(f"error: process {process_id} of {num_processes} lost process 0 (coordinator {coordinator}): it "
+              "stopped or cannot be reached, and the model spans every process; exiting", file=sys.stderr, flush=True)
+        return 1
+    return code if code >= 0 else 128 - code
+
+
+def die_with_parent() -> None:
+    """A supervised follower: get SIGKILL when the supervisor dies (Linux prctl; elsewhere a no-op)."""
+    if os.environ.get(SUPERVISED) != "1":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor was already gone
+        os._exit(1)
+
+
 def follower_notice(process_id: int, num_processes: int, coordinator: str | None) -> str:
     return (f"[kimi_jax] process {process_id} of {num_processes}: following process 0 (coordinator "
-            f"{coordinator or 'from the TPU metadata'}); it serves HTTP, this process binds nothing. If process 0 "
-            f"goes away, JAX's distributed runtime ends this process ('Terminating process because the JAX "
-            f"distributed service detected fatal errors')")
+            f"{coordinator or 'from the TPU metadata'}); it serves HTTP, this process binds nothing")
 
 
 # Requests on the wire ------------------------------------------------------------------------------

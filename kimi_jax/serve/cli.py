@@ -96,6 +96,17 @@ def make_scheduler(args: argparse.Namespace, generator, lockstep_=None) -> Sched
                      max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_)
 
 
+def _follower_before_joining(args: argparse.Namespace) -> tuple[int, int, str] | None:
+    """(process id, processes, coordinator) of a process other than 0 whose flags or environment say so
+    (a TPU pod's process ids are known only once joined: those run unsupervised); None otherwise."""
+    try:
+        pid, num = distributed.setting(args, "process_id"), distributed.setting(args, "num_processes")
+        address = distributed.setting(args, "coordinator_address", str)
+    except distributed.DistributedError:
+        return None  # initialize reports it
+    return (pid, num, address) if pid and num and num > 1 and address else None
+
+
 def follow(args: argparse.Namespace, info: distributed.ProcessInfo, lock: lockstep.Lockstep) -> int:
     """A process other than 0: load the same model and run process 0's scheduler iterations until it
     stops (runtime/lockstep.py). It binds no port and answers no one."""
@@ -119,6 +130,10 @@ def follow(args: argparse.Namespace, info: distributed.ProcessInfo, lock: lockst
 def main(argv=None) -> int:
     """`python -m kimi_jax.serve`: parse the flags, load the model, serve until interrupted."""
     args = parse_args(argv)
+    follower = _follower_before_joining(args)
+    if follower is not None and os.environ.get(lockstep.SUPERVISED) != "1":
+        return lockstep.supervise(sys.argv[1:] if argv is None else list(argv), *follower)
+    lockstep.die_with_parent()
     try:
         info = distributed.initialize(args)  # before any device is touched; a no-op for one process
     except distributed.DistributedError as e:
