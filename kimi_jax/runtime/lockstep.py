@@ -88,7 +88,6 @@ class Lockstep:
         self._thread: threading.Thread | None = None
         self.on_lost: list[Callable[[str], None]] = []  # process 0: called (once) with why a follower is lost
         self.publish_seconds = 0.0  # time spent writing events (process 0), for /metrics
-        self.receive_waits = 0
 
     @classmethod
     def from_jax(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> Lockstep | Solo:
@@ -117,7 +116,6 @@ class Lockstep:
             except Exception as e:  # the runtime's error type; a timeout just means process 0 is idle
                 if "DEADLINE_EXCEEDED" not in str(e):
                     raise
-                self.receive_waits += 1
 
     def finished(self, step: int, active: int) -> None:
         """This process has run iteration `step` and holds `active` jobs in its slots (followers report
