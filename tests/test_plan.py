@@ -134,5 +134,7 @@ def test_step_cost_counts_every_layer_once(n_dense, n_moe):
     if n_moe:
         one = body["moe"] + (grown["moe"] if n_moe > 1 else 0)
         assert cost.per_moe_layer_bytes == pytest.approx(one, abs=2 * grown["moe"] if not exact else 1e-6)
+        if n_moe >= 3:
+            assert cost.per_moe_layer_outside_bytes == pytest.approx(grown["moe"])
     else:
         assert cost.per_moe_layer_bytes is None

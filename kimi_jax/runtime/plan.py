@@ -65,6 +65,7 @@ class StepCost:
     per_moe_layer_bytes: float | None  # one MoE layer, L + s (`step_cost`)
     per_moe_layer_flops: float | None
     raw: dict[str, float]  # cost_analysis() of the full-depth program as compiled (loop bodies once)
+    per_moe_layer_outside_bytes: float | None = None  # s of `step_cost`: outside the loop
 
 
 @dataclasses.dataclass
@@ -125,6 +126,7 @@ class Plan:
                "ratio": self.decode_cost.bytes_accessed / must, "flops": self.decode_cost.flops}
         if self.decode_cost.per_moe_layer_bytes is not None and self.must_read.per_moe_layer:
             out.update(moe_layer_bytes_accessed=self.decode_cost.per_moe_layer_bytes,
+                       moe_layer_outside_loop_bytes=self.decode_cost.per_moe_layer_outside_bytes,
                        moe_layer_must_read_bytes=self.must_read.per_moe_layer,
                        moe_layer_ratio=self.decode_cost.per_moe_layer_bytes / self.must_read.per_moe_layer)
         if self.chip is not None:
@@ -284,7 +286,8 @@ def step_cost(cfg: Config, full, compile_variant) -> StepCost:
         C(n_dense, n_moe) = O + Σ_g (L_g + n_g·s_g).
 
     With both kinds, the program without group g gives L_g + n_g·s_g, and with one layer fewer
-    (n_g ≥ 3, still a loop) s_g; for n_g = 2, s_g is taken as 0 (counted twice, not n_g² times).
+    (n_g ≥ 3, still a loop) s_g; for n_g = 2, s_g is taken as 0 (counted twice, not n_g² times), and
+    so is a negative s_g (the compiler placed a shallower stack differently: seen at 8 vs 7 layers).
     With one kind only (a model needs a layer), inlined programs of one and two layers give O + L and
     O + 2L, whence n·s. The step costs C + Σ_g (n_g − 1)·L_g; one layer of group g, L_g + s_g.
     """
@@ -300,25 +303,27 @@ def step_cost(cfg: Config, full, compile_variant) -> StepCost:
         return {k: a[k] - times * b[k] for k in keys}
 
     zero = dict.fromkeys(keys, 0.0)
-    body, per_layer = {}, {}  # L_g and L_g + s_g per group present
+    body, per_layer, outside = {}, {}, {}  # L_g, L_g + s_g and s_g per group present
     if n_dense and n_moe:
         for group, n in (("dense", n_dense), ("moe", n_moe)):
             without = depth(0, n_moe) if group == "dense" else depth(n_dense, 0)
             grown = zero
-            if n >= 3:
-                grown = minus(raw, depth(n_dense - 1, n_moe) if group == "dense" else depth(n_dense, n_moe - 1))
+            if n >= 3:  # negative when the compiler chose differently for the shallower stack: taken as 0
+                fewer = depth(n_dense - 1, n_moe) if group == "dense" else depth(n_dense, n_moe - 1)
+                grown = {k: max(0.0, v) for k, v in minus(raw, fewer).items()}
             body[group] = minus(minus(raw, without), grown, n)
-            per_layer[group] = {k: body[group][k] + grown[k] for k in keys}
+            per_layer[group], outside[group] = {k: body[group][k] + grown[k] for k in keys}, grown
     else:
         group, n = ("dense", n_dense) if n_dense else ("moe", n_moe)
         one = raw if n == 1 else depth(n_dense and 1, n_moe and 1, unroll=True)
         body[group] = minus(depth(n_dense and 2, n_moe and 2, unroll=True), one)
         grown = {k: (raw[k] - one[k]) / n for k in keys}
-        per_layer[group] = {k: body[group][k] + grown[k] for k in keys}
+        per_layer[group], outside[group] = {k: body[group][k] + grown[k] for k in keys}, grown
     counts = {"dense": n_dense, "moe": n_moe}
     totals = {k: raw[k] + sum((counts[g] - 1) * body[g][k] for g in body if counts[g] > 1) for k in keys}
-    moe = per_layer.get("moe")
-    return StepCost(totals["bytes accessed"], totals["flops"], moe and moe["bytes accessed"], moe and moe["flops"], raw)
+    moe, moe_outside = per_layer.get("moe"), outside.get("moe")
+    return StepCost(totals["bytes accessed"], totals["flops"], moe and moe["bytes accessed"], moe and moe["flops"], raw,
+                    moe_outside and moe_outside["bytes accessed"])
 
 
 def host_peak_rss() -> int | None:
