@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from sharding import bench
+from kimi_jax.bench import sharding as bench
 
 KIMI = "../shared/reference/kimi-k2-instruct/config.json"
 GiB = 1024 ** 3
