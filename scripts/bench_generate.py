@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kimi_jax.bench import bench_generation as bench  # noqa: E402
+from kimi_jax.bench import generation as bench  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_sharding.py [--runs 7] [--parts moe,model,planner] [--out docs/sharding_bench.md]
 
-Prints (or writes) markdown. The measurements themselves live in sharding/bench.py.
+Prints (or writes) markdown. The measurements themselves live in kimi_jax/bench/sharding.py.
 """
 
 import argparse
@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after the device count is set)
 
-from sharding import bench  # noqa: E402
+from kimi_jax.bench import sharding as bench  # noqa: E402
 
 KIMI = "/work/shared/reference/kimi-k2-instruct/config.json"
 GiB = 1024 ** 3

@@ -49,3 +49,31 @@ def test_gpu_bench_tiny_path_runs_on_cpu():
                 "prefill_fraction_of_matmul_rate", "copy_bandwidth_bytes_per_s"):
         assert result[key] > 0, key
     assert "| 1 |" in gpu.markdown(result)
+
+
+STARTS = """
+import json, runpy, sys, traceback
+failed = {}
+for path in sys.argv[1:]:
+    sys.argv = [path, "--help"]
+    try:
+        runpy.run_path(path, run_name="__main__")
+        failed[path] = "returned without printing usage"
+    except SystemExit as e:
+        if e.code not in (0, None):
+            failed[path] = f"exit {e.code}"
+    except BaseException:
+        failed[path] = traceback.format_exc()[-1500:]
+print(json.dumps(failed))
+"""
+
+
+def test_every_script_starts():
+    """Each script imports and answers --help, all in one process (a moved module once left
+    bench_sharding.py and bench_generate.py unable to start)."""
+    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.py"))
+    proc = subprocess.run([sys.executable, "-c", STARTS, *scripts], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
+    assert len(scripts) >= 10 and proc.stdout.count("usage:") >= len(scripts)

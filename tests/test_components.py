@@ -13,8 +13,9 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 from kimi_jax import kernels
 from kimi_jax.bench.oracle import hf_config, hf_state_dict
 from kimi_jax.config import KIMI_K2, TINY_DEEPSEEK, TINY_KIMI
-from kimi_jax.model.attention import MLA
+from kimi_jax.model.attention import MLA, HeadWeights
 from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, rope_attention_factor, rope_inv_freq, softmax_scale
+from kimi_jax.model.layout import UNSHARDED
 from kimi_jax.model.moe import MoE, route
 from kimi_jax.model.quant import QArray, dequantize, quantize_block_fp8
 from kimi_jax.model.weights import random_params
@@ -22,6 +23,10 @@ from kimi_jax.model.weights import random_params
 pytestmark = pytest.mark.parity
 
 CONFIGS = [TINY_KIMI, TINY_DEEPSEEK]
+# Blocks that tile the heads (nope, v and kv_lora multiples of the block, as in the releases): the
+# absorbed products then scale the activations instead of dequantizing kv_b_proj (HeadWeights).
+TILED_HEADS = dataclasses.replace(TINY_KIMI, weight_block_size=(8, 8), qk_nope_head_dim=24, v_head_dim=16,
+                                  kv_lora_rank=40, name="tiny-kimi-8x8-blocks")
 
 
 def rel(a, b) -> float:
@@ -87,7 +92,7 @@ def test_interleaved_rotary_matches_transformers():
     assert rel(apply_rope(jnp.asarray(q), c, s), half.numpy()) > 1e-2
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [*CONFIGS, TILED_HEADS], ids=lambda c: c.name)
 def test_mla_matches_transformers(cfg):
     params = random_params(cfg, seed=2, std=0.05)
     layer = 0
@@ -104,6 +109,8 @@ def test_mla_matches_transformers(cfg):
     assert rel(got, want.numpy()) < 1e-5
     absorbed, _ = MLA(cfg, absorb=True).apply({"params": p}, jnp.asarray(x), jnp.asarray(pos))
     assert rel(absorbed, want.numpy()) < 1e-5
+    tiled = HeadWeights(jax.tree.map(jnp.asarray, p["kv_b_proj"]), cfg, UNSHARDED)._tiled() is not None
+    assert tiled == (cfg is TILED_HEADS)  # the scaled products ran where the blocks tile the heads
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)

@@ -1,5 +1,6 @@
 """The planner: per-device memory from abstract weights, on the real Kimi-K2 config and a tiny one."""
 
+import dataclasses
 import json
 import math
 import os
@@ -94,3 +95,46 @@ def test_0905_config_plans_a_256k_context(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["context"] == 262144 and result["per_device_bytes"]["kv_cache"] == 61 * 262144 * 576 * 2
+
+
+class Compiled:
+    """Stands in for a compiled program: its cost analysis only."""
+
+    def __init__(self, cost: dict[str, float]):
+        self.cost = cost
+
+    def cost_analysis(self):
+        return self.cost
+
+
+@pytest.mark.parametrize("n_dense, n_moe", [(1, 60), (3, 58), (2, 2), (0, 4), (4, 0), (0, 1)])
+def test_step_cost_counts_every_layer_once(n_dense, n_moe):
+    """Programs built by the loop model the compiler follows (body once, stack-proportional outside costs
+    once per layer): step_cost recovers O + Σ n_g (L_g + s_g) exactly where it can tell s_g apart."""
+    from kimi_jax.runtime.plan import step_cost
+
+    outside, body, grown = 600.0, {"dense": 480.0, "moe": 160.0}, {"dense": 2.0, "moe": 6.4}
+
+    def program(dense: int, moe: int, unroll: bool = False) -> Compiled:
+        total = outside
+        for g, n in (("dense", dense), ("moe", moe)):
+            if n:
+                total += body[g] * (n if unroll else 1) + (0 if unroll or n == 1 else n * grown[g])
+        return Compiled({"bytes accessed": total, "flops": 2 * total})
+
+    cfg = dataclasses.replace(TINY_KIMI, num_hidden_layers=n_dense + n_moe, first_k_dense_replace=n_dense)
+    cost = step_cost(cfg, program(n_dense, n_moe),
+                     lambda c, unroll: program(c.num_dense_layers, c.num_moe_layers, unroll))
+    exact = all(n != 2 for n in (n_dense, n_moe)) or not (n_dense and n_moe)
+    want = outside + sum(n * (body[g] + (grown[g] if n > 1 else 0)) for g, n in (("dense", n_dense), ("moe", n_moe)))
+    if exact:
+        assert cost.bytes_accessed == pytest.approx(want) and cost.flops == pytest.approx(2 * want)
+    else:  # a group of two: its s counted twice instead of once per layer (never n² times)
+        assert want <= cost.bytes_accessed <= want + sum(grown.values()) * 2
+    if n_moe:
+        one = body["moe"] + (grown["moe"] if n_moe > 1 else 0)
+        assert cost.per_moe_layer_bytes == pytest.approx(one, abs=2 * grown["moe"] if not exact else 1e-6)
+        if n_moe >= 3:
+            assert cost.per_moe_layer_outside_bytes == pytest.approx(grown["moe"])
+    else:
+        assert cost.per_moe_layer_bytes is None

@@ -277,3 +277,38 @@ def test_tool_call_arguments_stream_as_generated(tok):
         "tool_calls") or ()]
     assert deltas[0] == "" and len([d for d in deltas if d]) > 3 and "".join(deltas) == args
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_anthropic_stream_sends_a_calls_input_as_it_is_generated():
+    """A tool_use block opens with the call, each arguments delta is an input_json_delta, and the block
+    stops with the call (before issue 16 the whole input came in one delta at the call's end)."""
+    import asyncio
+
+    from kimi_jax.serve.anthropic import reply_stream
+    from kimi_jax.text.tool_calls import ContentDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
+
+    pieces = ['{"city": ', '"Bei', 'jing"}']
+    events = [ContentDelta("Let me check."), ToolCallStart(0, "functions.get_weather:0", "get_weather"),
+              *(ToolCallArgumentsDelta(0, p) for p in pieces),
+              ToolCallEnd(0, "functions.get_weather:0", "get_weather", "".join(pieces))]
+
+    class Reply:
+        prompt_tokens, completion_tokens, stop_sequence, tool_calls, finish_reason = 5, 9, None, 1, "stop"
+
+        async def events(self, incremental=False):
+            assert incremental  # the stream asks for the arguments as they come
+            for e in events:
+                yield e
+
+    async def run():
+        return [chunk async for chunk in reply_stream([Reply()], SimpleNamespace(info={"id": "msg_1", "model": MODEL}))]
+
+    sent = [json.loads(chunk.split("data: ", 1)[1]) for chunk in asyncio.run(run())]
+    kinds = [(e["type"], (e.get("delta") or e.get("content_block") or {}).get("type")) for e in sent]
+    assert kinds == [("message_start", None), ("content_block_start", "text"), ("content_block_delta", "text_delta"),
+                     ("content_block_stop", None), ("content_block_start", "tool_use"),
+                     *[("content_block_delta", "input_json_delta")] * 3, ("content_block_stop", None),
+                     ("message_delta", None), ("message_stop", None)]
+    assert [e["delta"]["partial_json"] for e in sent if e.get("delta", {}).get("type") == "input_json_delta"] == pieces
+    assert sent[4]["index"] == 1 and sent[4]["content_block"]["name"] == "get_weather"
+    assert sent[-2]["delta"]["stop_reason"] == "tool_use"

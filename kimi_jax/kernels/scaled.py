@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.model.quant import FP8_KIND, QArray, dequantize, fp8_to_float32
+from kimi_jax.model.quant import FP8_KIND, QArray, dequantize, fp8_values
 
 # Rows × expansion up to which a dense product scales its activations (above it, dequantizing the
 # weight once costs less than the extra work): 1024 rows is a few passes of a 128- or 256-wide MXU.
@@ -45,19 +45,13 @@ def _per_column(scales: jax.Array, block: int, n: int) -> jax.Array:
     return full[..., :n]
 
 
-def _values(w: QArray, dtype) -> jax.Array:
-    """The weight's fp8 values in `dtype` (a convert the dot fuses; CPU's uint8 bytes decoded exactly)."""
-    values = w.values if w.values.dtype != jnp.uint8 else fp8_to_float32(w.values)
-    return values.astype(dtype)
-
-
 def scaled_matmul(x: jax.Array, w: QArray, dtype) -> jax.Array:
     """x [M, in] @ W[out, in]ᵀ -> float32 [M, out] for a block-fp8 W, without a dequantized W."""
     out, inp = w.shape
     bo, bi = w.block
     nbo, nbi = w.scales.shape
     x = x.astype(dtype)
-    values = _values(w, dtype)
+    values = fp8_values(w.values, dtype)
     s = w.scales.astype(jnp.float32)
     if nbo <= nbi:
         xs = x[None] * _per_column(s, bi, inp).astype(dtype)[:, None, :]  # [nbo, M, in]

@@ -14,6 +14,7 @@ Two equivalent ways to attend to it:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ from kimi_jax.config import Config
 from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.layout import UNSHARDED, Layout
-from kimi_jax.model.quant import dequantize
+from kimi_jax.model.quant import FP8_KIND, QArray, dequantize, fp8_values
 from kimi_jax.model.weights import attention_specs, declare
 
 NEG_INF = -1e30  # finite, so a fully masked row (a padded query) stays NaN-free
@@ -63,9 +64,13 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0) & (q_pos[:, :, None] >= 0)
 
 
-def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    scores = jnp.where(mask[:, None], scores, NEG_INF)  # scores [B, H, T, S]
-    return jax.nn.softmax(scores, axis=-1)
+def _softmax(scores: list[jax.Array], masks: list[jax.Array]) -> list[jax.Array]:
+    """Softmax over the keys of all segments at once: scores [B, H, T, S_i], masks [B, T, S_i]."""
+    scores = [jnp.where(m[:, None], s, NEG_INF) for s, m in zip(scores, masks)]
+    top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    exp = [jnp.exp(s - top) for s in scores]
+    total = sum(e.sum(-1, keepdims=True) for e in exp)
+    return [e / total for e in exp]
 
 
 class MLA(nn.Module):
@@ -100,19 +105,30 @@ class MLA(nn.Module):
         k_rope = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
 
         if cache is None:
-            keys, k_pos = LatentCache(latent, k_rope), positions
-        else:
+            segments = [(LatentCache(latent, k_rope), attention_mask(positions, positions))]
+        elif self.absorb:
+            # Decode: attend to the cache as it was before this call and to this call's keys apart, so
+            # that the step only writes the cache (the TPU compiler re-reads a row just written: 14 MB a
+            # layer for Kimi-K2 at batch 1). The new keys are rounded to the cache's dtype, as stored.
+            mine = cache.layer(layer)
+            cache = write_cache(cache, latent, k_rope, positions, layer)
+            slots = jnp.broadcast_to(jnp.arange(mine.latent.shape[-2]), (b, mine.latent.shape[-2]))
+            rewritten = (positions[:, :, None] == slots[:, None, :]).any(1)  # (B, S): slots this call writes
+            segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)),
+                         attention_mask(positions, slots) & ~rewritten[:, None, :]),
+                        (LatentCache(*(a.astype(c.dtype).astype(x.dtype) for a, c in zip((latent, k_rope), mine))),
+                         attention_mask(positions, positions))]
+        else:  # prefill: write, then attend to the cache (one segment: no key is scored twice)
             cache = write_cache(cache, latent, k_rope, positions, layer)
             mine = cache.layer(layer)
-            keys = LatentCache(mine.latent.astype(x.dtype), mine.k_rope.astype(x.dtype))
-            k_pos = jnp.broadcast_to(jnp.arange(keys.latent.shape[1]), (b, keys.latent.shape[1]))
-        mask = attention_mask(positions, k_pos)
+            k_pos = jnp.broadcast_to(jnp.arange(mine.latent.shape[-2]), (b, mine.latent.shape[-2]))
+            segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)), attention_mask(positions, k_pos))]
 
-        w_kv = dequantize(p["kv_b_proj"], x.dtype).reshape(h, nope + vd, cfg.kv_lora_rank)
-        w_kv = self.layout.constrain(w_kv, ("heads", None, None))
-        w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # (H, nope, kv), (H, v, kv)
-        attend = _absorbed if self.absorb else _expanded
-        o = attend(q_nope, q_rope, keys, mask, w_uk, w_uv, softmax_scale(cfg))  # (B, T, H, v)
+        heads = HeadWeights(p["kv_b_proj"], cfg, self.layout)
+        if self.absorb:
+            o = _absorbed(q_nope, q_rope, segments, heads, softmax_scale(cfg))  # (B, T, H, v)
+        else:
+            o = _expanded(q_nope, q_rope, *segments[0], *heads.dequantized(x.dtype), softmax_scale(cfg))
         o = self.layout.constrain(o, ("batch", "seq", "heads", None))  # o_proj then sums over heads
         out = self.backend.linear(o.reshape(b, t, h * vd), p["o_proj"])
         return out, cache
@@ -124,15 +140,85 @@ def _expanded(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
     v = jnp.einsum("bsc,hvc->bshv", keys.latent, w_uv)
     scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32))
-    probs = _softmax(scores * scale, mask).astype(v.dtype)
+    probs = _softmax([scores * scale], [mask])[0].astype(v.dtype)
     return jnp.einsum("bhts,bshv->bthv", probs, v)
 
 
-def _absorbed(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
-    """Attend in the latent space: q_nope·k_nope = (q_nope W_uk)·c_kv, and o = (p·c_kv) W_uvᵀ."""
-    q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, kv_lora)
-    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, keys.latent, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32))
-    probs = _softmax(scores * scale, mask).astype(keys.latent.dtype)
-    o_lat = jnp.einsum("bhts,bsc->bthc", probs, keys.latent)
-    return jnp.einsum("bthc,hvc->bthv", o_lat, w_uv)
+class HeadWeights(NamedTuple):
+    """kv_b_proj [H·(nope + v), kv_lora] seen per head: W_uk [H, nope, kv_lora] and W_uv [H, v, kv_lora].
+
+    The absorbed products read it without building a dequantized copy when it is block-fp8 and its
+    blocks tile the heads (nope, v and kv_lora multiples of the block, as in every DeepSeek-V3-style
+    release: 128, 128, 512 with 128×128 blocks). Each head's nope rows then span whole row blocks
+    and the scales act per (head, row block, column block): on the output of the key product (its
+    columns are kv_lora), on the input of the value product. The converted fp8 values feed batched
+    dots that fuse the convert; dequantizing first writes a bf16 copy and a float32 broadcast of the
+    scales (17× the weight's fp8 bytes per step for Kimi-K2, by the TPU compiler). Other weights
+    (plain, INT4, blocks that straddle heads) are dequantized.
+    """
+
+    w: QArray | jax.Array
+    cfg: Config
+    layout: Layout
+
+    def _tiled(self) -> tuple[jax.Array, jax.Array, int] | None:
+        """(values [H, R, bo, kv_lora] as stored, scales [H, R, kv_lora / bc], bo) when the blocks tile
+        the heads (R = (nope + v) / bo row blocks per head); None otherwise."""
+        cfg, w = self.cfg, self.w
+        if not isinstance(w, QArray) or w.kind != FP8_KIND:
+            return None
+        (bo, bc), nope, vd, lat = w.block, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        if nope % bo or vd % bo or lat % bc:
+            return None
+        h, r = cfg.num_attention_heads, (nope + vd) // bo
+        values = self.layout.constrain(w.values.reshape(h, r, bo, lat), ("heads", None, None, None))
+        scales = self.layout.constrain(w.scales.reshape(h, r, lat // bc), ("heads", None, None))
+        return values, scales, bo
+
+    def dequantized(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """(W_uk [H, nope, kv_lora], W_uv [H, v, kv_lora]) in `dtype` (the expanded form's, and the fallback)."""
+        cfg = self.cfg
+        nope = cfg.qk_nope_head_dim
+        w = dequantize(self.w, dtype).reshape(cfg.num_attention_heads, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+        w = self.layout.constrain(w, ("heads", None, None))
+        return w[:, :nope], w[:, nope:]
+
+    def to_latent(self, q_nope: jax.Array) -> jax.Array:
+        """q_nope [B, T, H, nope] -> q_nope W_uk [B, T, H, kv_lora] (in q_nope's dtype)."""
+        tiled, dtype = self._tiled(), q_nope.dtype
+        if tiled is None:
+            return jnp.einsum("bthn,hnc->bthc", q_nope, self.dequantized(dtype)[0])
+        values, scales, bo = tiled
+        b, t, h, nope = q_nope.shape
+        k, nb = nope // bo, scales.shape[-1]
+        y = jnp.einsum("bthki,hkic->bthkc", q_nope.reshape(b, t, h, k, bo), fp8_values(values[:, :k], dtype),
+                       preferred_element_type=jnp.float32)  # per row block of W_uk, unscaled
+        y = y.reshape(b, t, h, k, nb, -1) * scales[:, :k, :, None]  # each column block by its scale
+        return y.sum(3).reshape(b, t, h, -1).astype(dtype)
+
+    def from_latent(self, o_lat: jax.Array) -> jax.Array:
+        """o_lat [B, T, H, kv_lora] -> o_lat W_uvᵀ [B, T, H, v] (in o_lat's dtype)."""
+        tiled, dtype = self._tiled(), o_lat.dtype
+        if tiled is None:
+            return jnp.einsum("bthc,hvc->bthv", o_lat, self.dequantized(dtype)[1])
+        values, scales, bo = tiled
+        b, t, h, lat = o_lat.shape
+        k = self.cfg.qk_nope_head_dim // bo  # W_uv's row blocks follow W_uk's
+        s = scales[:, k:]  # [H, v / bo, nb]
+        xs = o_lat.reshape(b, t, h, 1, s.shape[-1], -1) * s[:, :, :, None].astype(dtype)  # scales on the input
+        y = jnp.einsum("bthkc,hkic->bthki", xs.reshape(b, t, h, s.shape[1], lat), fp8_values(values[:, k:], dtype),
+                       preferred_element_type=jnp.float32)
+        return y.reshape(b, t, h, -1).astype(dtype)
+
+
+def _absorbed(q_nope, q_rope, segments: list[tuple[LatentCache, jax.Array]], w: HeadWeights, scale):
+    """Attend in the latent space: q_nope·k_nope = (q_nope W_uk)·c_kv, and o = (p·c_kv) W_uvᵀ, over the
+    keys of every (keys, mask) segment."""
+    q_lat = w.to_latent(q_nope)  # (B, T, H, kv_lora)
+    scores = [(jnp.einsum("bthc,bsc->bhts", q_lat, keys.latent, preferred_element_type=jnp.float32)
+               + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32)) * scale
+              for keys, _ in segments]
+    probs = _softmax(scores, [m for _, m in segments])
+    o_lat = sum(jnp.einsum("bhts,bsc->bthc", p.astype(keys.latent.dtype), keys.latent)
+                for p, (keys, _) in zip(probs, segments))  # (B, T, H, kv_lora)
+    return w.from_latent(o_lat)

@@ -58,6 +58,13 @@ def fp8_to_float32(values: jax.Array) -> jax.Array:
     return jnp.where(bits >= 0x80, -v, v)
 
 
+def fp8_values(values: jax.Array, dtype) -> jax.Array:
+    """fp8 values, in either storage form, converted to `dtype` unscaled: a convert that XLA on TPU
+    fuses into the dot reading it (a multiply by the block scales it does not fuse), so a product
+    that applies the scales elsewhere reads the weight once, as fp8."""
+    return (values if values.dtype != jnp.uint8 else fp8_to_float32(values)).astype(dtype)
+
+
 @struct.dataclass
 class QArray:
     """A quantized weight of logical shape [..., out, in] (module docstring): `kind` "fp8" (default) or "int4".

@@ -18,11 +18,10 @@ temporaries (`memory_analysis()`; real for a TPU target, indicative when a CPU c
 a GPU), and whether they fit the chip's HBM.
 
 Cost per step (`cost_analysis()`) is accounted for the layer loops: XLA counts a while-loop body once,
-whatever its trip count, so a program with scanned layers reports the outside (embedding, lm_head)
-plus one dense and one MoE layer. Two more programs of the same step are compiled, one with a
-single dense layer and one with a single MoE layer (layers as in the full model); from the three,
-outside O, dense layer D and MoE layer M separate exactly (C(1,1) = O + D + M, C(1,0) = O + D,
-C(0,1) = O + M), and the step costs O + n_dense·D + n_moe·M. That is set against what the step must
+whatever its trip count, so a program with scanned layers reports the outside (embedding, lm_head),
+one dense and one MoE layer, and, once per layer of each stack, what the loop's stacks cost outside
+it. Programs of the same step without each kind of layer, and with one layer fewer, separate these
+(`step_cost`), and every layer is counted. That is set against what the step must
 read (`must_read.py`): the ratio, the roofline time (must-read bytes / HBM bandwidth) and the tokens/s
 ceiling it implies; prefill flops against the chip's peak.
 """
@@ -63,9 +62,10 @@ class StepCost:
 
     bytes_accessed: float
     flops: float
-    per_moe_layer_bytes: float | None  # M of the module docstring
+    per_moe_layer_bytes: float | None  # one MoE layer, L + s (`step_cost`)
     per_moe_layer_flops: float | None
     raw: dict[str, float]  # cost_analysis() of the full-depth program as compiled (loop bodies once)
+    per_moe_layer_outside_bytes: float | None = None  # s of `step_cost`: outside the loop
 
 
 @dataclasses.dataclass
@@ -126,6 +126,7 @@ class Plan:
                "ratio": self.decode_cost.bytes_accessed / must, "flops": self.decode_cost.flops}
         if self.decode_cost.per_moe_layer_bytes is not None and self.must_read.per_moe_layer:
             out.update(moe_layer_bytes_accessed=self.decode_cost.per_moe_layer_bytes,
+                       moe_layer_outside_loop_bytes=self.decode_cost.per_moe_layer_outside_bytes,
                        moe_layer_must_read_bytes=self.must_read.per_moe_layer,
                        moe_layer_ratio=self.decode_cost.per_moe_layer_bytes / self.must_read.per_moe_layer)
         if self.chip is not None:
@@ -275,12 +276,20 @@ def cost_of(compiled) -> dict[str, float]:
 
 
 def step_cost(cfg: Config, full, compile_variant) -> StepCost:
-    """The step's cost with every layer counted (module docstring): O + n_dense·D + n_moe·M.
+    """The step's cost with every layer counted (module docstring).
 
-    `compile_variant(config, unroll)` compiles the same step for a config of other depth. With both
-    kinds of layer, the full program gives O + D + M and one-layer programs O + D and O + M. With one
-    kind only (n layers), programs of one and of two layers, inlined rather than looped, give O + L
-    and O + 2L.
+    `compile_variant(config, unroll)` compiles the same step for a config of other depth. Each kind of
+    layer (group g of n_g layers) runs in a loop, a group of one inlined. The compiled program counts
+    the loop body L_g once, and n_g times s_g: what grows with the group's stacks outside the loop
+    (e.g. a layout copy of a cache stack before and after the loop, per layer of the stack), so
+
+        C(n_dense, n_moe) = O + Σ_g (L_g + n_g·s_g).
+
+    With both kinds, the program without group g gives L_g + n_g·s_g, and with one layer fewer
+    (n_g ≥ 3, still a loop) s_g; for n_g = 2, s_g is taken as 0 (counted twice, not n_g² times), and
+    so is a negative s_g (the compiler placed a shallower stack differently: seen at 8 vs 7 layers).
+    With one kind only (a model needs a layer), inlined programs of one and two layers give O + L and
+    O + 2L, whence n·s. The step costs C + Σ_g (n_g − 1)·L_g; one layer of group g, L_g + s_g.
     """
     raw = cost_of(full)
     n_dense, n_moe = cfg.num_dense_layers, cfg.num_moe_layers
@@ -290,23 +299,31 @@ def step_cost(cfg: Config, full, compile_variant) -> StepCost:
         c = dataclasses.replace(cfg, num_hidden_layers=dense + moe, first_k_dense_replace=dense)
         return cost_of(compile_variant(c, unroll))
 
-    per_moe = None
-    if n_dense and n_moe:  # raw = O + D + M
-        with_dense, with_moe = depth(1, 0), depth(0, 1)
-        per_moe = {k: raw[k] - with_dense[k] for k in keys}
-        per_dense = {k: raw[k] - with_moe[k] for k in keys}
-        totals = {k: raw[k] + (n_dense - 1) * per_dense[k] + (n_moe - 1) * per_moe[k] for k in keys}
-    elif max(n_dense, n_moe) > 1:  # one kind of layer, several of them
-        dense, moe = (1, 0) if n_dense else (0, 1)
-        one, two = depth(dense, moe, unroll=True), depth(2 * dense, 2 * moe, unroll=True)
-        per_layer = {k: two[k] - one[k] for k in keys}
-        totals = {k: one[k] + (max(n_dense, n_moe) - 1) * per_layer[k] for k in keys}
-        per_moe = per_layer if n_moe else None
-    else:  # a single layer: the program as compiled counts everything once
-        totals = {k: raw[k] for k in keys}
-        per_moe = {k: raw[k] for k in keys} if n_moe else None
-    return StepCost(totals["bytes accessed"], totals["flops"], per_moe and per_moe["bytes accessed"],
-                    per_moe and per_moe["flops"], raw)
+    def minus(a, b, times=1.0):
+        return {k: a[k] - times * b[k] for k in keys}
+
+    zero = dict.fromkeys(keys, 0.0)
+    body, per_layer, outside = {}, {}, {}  # L_g, L_g + s_g and s_g per group present
+    if n_dense and n_moe:
+        for group, n in (("dense", n_dense), ("moe", n_moe)):
+            without = depth(0, n_moe) if group == "dense" else depth(n_dense, 0)
+            grown = zero
+            if n >= 3:  # negative when the compiler chose differently for the shallower stack: taken as 0
+                fewer = depth(n_dense - 1, n_moe) if group == "dense" else depth(n_dense, n_moe - 1)
+                grown = {k: max(0.0, v) for k, v in minus(raw, fewer).items()}
+            body[group] = minus(minus(raw, without), grown, n)
+            per_layer[group], outside[group] = {k: body[group][k] + grown[k] for k in keys}, grown
+    else:
+        group, n = ("dense", n_dense) if n_dense else ("moe", n_moe)
+        one = raw if n == 1 else depth(n_dense and 1, n_moe and 1, unroll=True)
+        body[group] = minus(depth(n_dense and 2, n_moe and 2, unroll=True), one)
+        grown = {k: (raw[k] - one[k]) / n for k in keys}
+        per_layer[group], outside[group] = {k: body[group][k] + grown[k] for k in keys}, grown
+    counts = {"dense": n_dense, "moe": n_moe}
+    totals = {k: raw[k] + sum((counts[g] - 1) * body[g][k] for g in body if counts[g] > 1) for k in keys}
+    moe, moe_outside = per_layer.get("moe"), outside.get("moe")
+    return StepCost(totals["bytes accessed"], totals["flops"], moe and moe["bytes accessed"], moe and moe["flops"], raw,
+                    moe_outside and moe_outside["bytes accessed"])
 
 
 def host_peak_rss() -> int | None:

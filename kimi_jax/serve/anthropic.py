@@ -45,7 +45,7 @@ from kimi_jax.serve.validation import (
     tool_name,
 )
 from kimi_jax.text.reasoning import ReasoningDelta
-from kimi_jax.text.tool_calls import ContentDelta, ToolCallEnd
+from kimi_jax.text.tool_calls import ContentDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
 
 TEMPERATURE_SCALE = 0.6  # temperature_used = request temperature × 0.6, as the release maps it
 STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
@@ -277,14 +277,15 @@ async def reply_whole(replies: list[Reply], job: Prepared) -> dict[str, Any]:
 
 
 async def reply_stream(replies: list[Reply], job: Prepared):
-    """Anthropic's events; a tool call arrives whole: block start, one input delta, block stop."""
+    """Anthropic's events; a tool call's block starts when the model opens the call, its input comes
+    as `input_json_delta`s as the arguments are generated, and the block stops with the call."""
     reply, = replies  # Anthropic's API has one choice
     yield sse({"type": "message_start", "message": {
         **job.info, "type": "message", "role": "assistant", "content": [], "stop_reason": None,
         "stop_sequence": None, "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": 0}}}, "message_start")
     index, open_block = 0, None  # the kind of the block being streamed: "thinking", "text" or None
     deltas = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
-    async for event in reply.events():
+    async for event in reply.events(incremental=True):  # a call's input streamed as generated
         kind = "thinking" if isinstance(event, ReasoningDelta) else "text" if isinstance(event, ContentDelta) else None
         if open_block is not None and kind != open_block:
             yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
@@ -299,11 +300,13 @@ async def reply_stream(replies: list[Reply], job: Prepared):
             delta, field = deltas[kind]
             yield sse({"type": "content_block_delta", "index": index,
                        "delta": {"type": delta, field: event.text}}, "content_block_delta")
-        elif isinstance(event, ToolCallEnd):
+        elif isinstance(event, ToolCallStart):
             yield sse({"type": "content_block_start", "index": index, "content_block": {
                 "type": "tool_use", "id": event.id, "name": event.name, "input": {}}}, "content_block_start")
+        elif isinstance(event, ToolCallArgumentsDelta):
             yield sse({"type": "content_block_delta", "index": index,
-                       "delta": {"type": "input_json_delta", "partial_json": event.arguments}}, "content_block_delta")
+                       "delta": {"type": "input_json_delta", "partial_json": event.delta}}, "content_block_delta")
+        elif isinstance(event, ToolCallEnd):
             yield sse({"type": "content_block_stop", "index": index}, "content_block_stop")
             index += 1
     if open_block is not None:
