@@ -67,6 +67,8 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
 def _softmax(scores: list[jax.Array], masks: list[jax.Array]) -> list[jax.Array]:
     """Softmax over the keys of all segments at once: scores [B, H, T, S_i], masks [B, T, S_i]."""
     scores = [jnp.where(m[:, None], s, NEG_INF) for s, m in zip(scores, masks)]
+    if len(scores) == 1:  # prefill and cache-less calls: XLA's own softmax, as before decode had two
+        return [jax.nn.softmax(scores[0], axis=-1)]
     top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     exp = [jnp.exp(s - top) for s in scores]
     total = sum(e.sum(-1, keepdims=True) for e in exp)
