@@ -12,14 +12,11 @@ Prints (or writes) markdown with the command of every row.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 
-import jax
-
 from kimi_jax.bench import sharding as bench
+from kimi_jax.bench.generation import machine
 
 KIMI = "../shared/reference/kimi-k2-instruct/config.json"
 GiB = 1024 ** 3
@@ -81,10 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-cost", action="store_true", help="memory only (two compiles per row, no ratio)")
     p.add_argument("--out", help="write the markdown here instead of printing it")
     args = p.parse_args(argv)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    out = [f"Machine: {cpu}, {os.cpu_count()} cores; jax {jax.__version__}; load average "
-           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the start. Per-device GiB; `dp_attention` rules.", ""]
+    out = [f"Machine: {machine()}. Per-device GiB; `dp_attention` rules.", ""]
     if args.only in (None, "fp8"):
         out += ["Kimi-K2-Instruct (block-fp8):", "", *table(FP8_ROWS, not args.no_cost), ""]
     if args.only in (None, "int4"):
