@@ -105,8 +105,8 @@ class ScriptedGenerator:
     def __getattr__(self, name):  # cfg, dtype, mesh, layout, batch_shards, steps_per_call
         return getattr(self.generator, name)
 
-    def prefill_prompts(self, requests):
-        logits, small, state, rows, first = self.generator.prefill_prompts(requests)
+    def prefill_prompts(self, requests, allowed=None):
+        logits, small, state, rows, first = self.generator.prefill_prompts(requests, allowed)
         first, state = np.array(first), DecodeState(*(np.array(x) for x in state))
         self._admitted = []
         for k, request in enumerate(requests):
@@ -125,13 +125,13 @@ class ScriptedGenerator:
             self._slots.pop(slot, None)
         return self.generator.insert(cache, small, row, slot)
 
-    def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False):
+    def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False, allowed=None):
         if self._slots:
             slots = np.array(list(self._slots))
             lengths = np.array([len(tokens) for tokens, _ in self._slots.values()], np.int32)
             rows = rows._replace(stop_ids=jnp.asarray(rows.stop_ids).at[slots].set(-1),
                                  max_new=jnp.asarray(rows.max_new).at[slots].set(lengths))
-        cache, state, out, lps = self.generator.decode(cache, state, rows, steps, logprobs, adjust)
+        cache, state, out, lps = self.generator.decode(cache, state, rows, steps, logprobs, adjust, allowed)
         out = np.array(out)  # (steps, B)
         for slot, entry in self._slots.items():
             tokens, given = entry

@@ -40,6 +40,7 @@ from kimi_jax.runtime.sampling import (
     LogProbs,
     SamplingParams,
     adjust_logits,
+    mask_logits,
     sample,
     token_logprobs,
 )
@@ -101,6 +102,16 @@ def batch_bucket(n: int, multiple: int = 1) -> int:
 
 # Requests ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class Constraint:
+    """A grammar the generated tokens must follow (llguidance's text form, see text/grammar.py): from
+    the first generated token, or with `after` from the token after the model generates token `after`
+    (tool_choice auto: a tool call's arguments are constrained once the model opens the call section)."""
+
+    grammar: str
+    after: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """One prompt and how to continue it."""
 
@@ -109,6 +120,7 @@ class Request:
     sampling: SamplingParams
     stop_ids: tuple[int, ...]
     logprobs: bool = False  # report each token's log probability (and the top TOP_LOGPROBS)
+    constraint: Constraint | None = None  # constrained decoding (the scheduler runs it)
 
 
 @dataclasses.dataclass
@@ -228,11 +240,15 @@ def _rows(requests: list[Request], batch: int, n_stop: int | None = None, n_bias
                 col(lambda r: r.sampling.frequency_penalty, np.float32, 0.0), bias_ids, bias)
 
 
-def _next(logits: jax.Array, state: DecodeState, rows: Rows, adjust: bool) -> jax.Array:
+def _next(logits: jax.Array, state: DecodeState, rows: Rows, adjust: bool, allowed: jax.Array | None = None
+          ) -> jax.Array:
     """The next token of each row [B]: its logits adjusted (bias, penalties) if `adjust` (static: some
-    request in the batch has them), then sampled."""
+    request in the batch has them), restricted to the `allowed` bitmask [B, ceil(V / 32)] of each row's
+    grammar when given (None: no row is constrained; the program then has no mask at all), then sampled."""
     if adjust:
         logits = adjust_logits(logits, rows.presence, rows.frequency, rows.bias_ids, rows.bias, state.counts)
+    if allowed is not None:
+        logits = mask_logits(logits, allowed)
     return sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
 
 
@@ -275,7 +291,7 @@ class Generator:
         self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype, layout=layout)
         self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
         self.traces: collections.Counter = collections.Counter()  # compilations per function (tests)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(6,))
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6), donate_argnums=(1,))
         self.first_logprobs = jax.jit(token_logprobs, static_argnums=(2,))  # of prefill's logits and tokens
@@ -289,10 +305,11 @@ class Generator:
         _, batch, length, _ = next(iter(cache.values())).latent.shape
         return jax.lax.with_sharding_constraint(cache, self.layout.cache_shardings(self.cfg, batch, length))
 
-    def _prefill_impl(self, params, tokens, lengths, gather, row_lengths, rows: Rows, adjust: bool):
+    def _prefill_impl(self, params, tokens, lengths, gather, row_lengths, rows: Rows, allowed, adjust: bool):
         """tokens [U, T] right-padded, lengths [U] -> (last logits [B, V], T-slot cache [B rows], state,
         first tokens [B]). Row i of the batch continues prompt gather[i] (None: row i, U = B): requests
-        with the same prompt share its prefill and sample their first tokens each with its own settings."""
+        with the same prompt share its prefill and sample their first tokens each with its own settings
+        (and, with `allowed` [B, W], each within its grammar's mask)."""
         self.traces["prefill"] += 1
         u, t = tokens.shape
         positions = jnp.where(jnp.arange(t) < lengths[:, None], jnp.arange(t), -1)  # (U, T)
@@ -307,7 +324,7 @@ class Generator:
         # The last prompt token sits at lengths − 1; `_advance` moves each live row on to `first`.
         start = DecodeState(jnp.zeros(b, jnp.int32), row_lengths - 1, jnp.zeros(b, jnp.int32), row_lengths == 0,
                             jnp.zeros((b, self.cfg.padded_vocab_size), jnp.int32))
-        first = _next(logits, start, rows, adjust)
+        first = _next(logits, start, rows, adjust, allowed)
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         return logits, cache, state, emitted
 
@@ -326,9 +343,10 @@ class Generator:
         return logits[:, 0], cache
 
     def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, logprobs: int | None,
-                     adjust: bool):
+                     adjust: bool, allowed=None):
         """Up to `steps` decode steps -> (cache, state, tokens [steps, B] (−1 where nothing was made),
-        log probabilities [steps, B] with the top `logprobs` (None: not computed))."""
+        log probabilities [steps, B] with the top `logprobs` (None: not computed)). `allowed`: the rows'
+        grammar masks [B, W] for a one-step call."""
         self.traces["decode"] += 1
         b = state.tokens.shape[0]
 
@@ -342,7 +360,7 @@ class Generator:
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
             logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],
                                                  cache)
-            nxt = _next(logits[:, 0], state, rows, adjust)
+            nxt = _next(logits[:, 0], state, rows, adjust, allowed)
             if logprobs is not None:
                 lps = jax.tree.map(lambda all_, one: all_.at[i].set(one), lps,
                                    token_logprobs(logits[:, 0], nxt, logprobs))
@@ -361,9 +379,10 @@ class Generator:
         return self._place_cache(cache), state, out, lps
 
     # Host side ----------------------------------------------------------------------------------
-    def prefill_prompts(self, requests: list[Request]):
+    def prefill_prompts(self, requests: list[Request], allowed: np.ndarray | None = None):
         """Prefill alone: (last logits, T-slot prompt cache, state, rows, first tokens) on device, batch bucketed,
-        one row per request. Requests with the same prompt share one prefill (the `n` samples of a request)."""
+        one row per request. Requests with the same prompt share one prefill (the `n` samples of a request).
+        `allowed` [len(requests), W]: each request's grammar mask for its first token (all ones: none)."""
         prompts = list(dict.fromkeys(r.prompt for r in requests))  # distinct, in order
         u, b = batch_bucket(len(prompts), self.batch_shards), batch_bucket(len(requests), self.batch_shards)
         t = length_bucket(max(len(p) for p in prompts))
@@ -377,8 +396,10 @@ class Generator:
         row_lengths = np.array([len(r.prompt) for r in requests] + [0] * (b - len(requests)), np.int32)
         shared = len(prompts) < len(requests)
         rows = jax.device_put(_rows(requests, b))  # sent once, reused by every decode call
+        if allowed is not None:
+            allowed = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
         logits, small, state, first = self._prefill(self.params, tokens, lengths, gather if shared else None,
-                                                    row_lengths, rows, adjusts(requests))
+                                                    row_lengths, rows, allowed, adjusts(requests))
         return logits, small, state, rows, first
 
     def prefill(self, requests: list[Request]):
@@ -390,12 +411,16 @@ class Generator:
         return logits, self._place(small, max(s, t)), state, rows, first
 
     def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None, logprobs: int | None = None,
-               adjust: bool = False):
+               adjust: bool = False, allowed: np.ndarray | None = None):
         """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B] (−1 = none),
         LogProbs [steps, B] with the top `logprobs` alternatives, or None when `logprobs` is None).
-        `adjust`: apply the rows' logit_bias and penalties (some row has them). The cache is donated:
-        use the returned one."""
-        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call, logprobs, adjust)
+        `adjust`: apply the rows' logit_bias and penalties (some row has them). `allowed` [B, W]: the rows'
+        grammar masks, for one step (the next mask depends on the token this step makes). The cache is
+        donated: use the returned one."""
+        steps = steps or self.steps_per_call
+        if allowed is not None and steps != 1:
+            raise ValueError(f"a decode call with grammar masks runs one step, not {steps}")
+        return self._decode(self.params, cache, state, rows, steps, logprobs, adjust, allowed)
 
     def stream(self, requests: list[Request]) -> Iterator[list[list[int]]]:
         """Yield, per compiled call, each request's new tokens (possibly none); the last one ends with its stop."""

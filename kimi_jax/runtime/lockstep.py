@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.generation import Constraint, Request
 from kimi_jax.runtime.sampling import SamplingParams
 
 PREFIX = "kimi_jax/serve"
@@ -220,13 +220,16 @@ def follower_notice(process_id: int, num_processes: int, coordinator: str | None
 # Requests on the wire ------------------------------------------------------------------------------
 def request_to_json(request: Request) -> dict[str, Any]:
     s = request.sampling
+    c = request.constraint
     return {"prompt": list(request.prompt), "max_new_tokens": request.max_new_tokens,
             "stop_ids": list(request.stop_ids), "logprobs": request.logprobs,
-            "sampling": {**dataclasses.asdict(s), "logit_bias": [list(p) for p in s.logit_bias]}}
+            "sampling": {**dataclasses.asdict(s), "logit_bias": [list(p) for p in s.logit_bias]},
+            "constraint": None if c is None else {"grammar": c.grammar, "after": c.after}}
 
 
 def request_from_json(data: dict[str, Any]) -> Request:
     s = data["sampling"]
     sampling = SamplingParams(**{**s, "logit_bias": tuple((int(t), b) for t, b in s["logit_bias"])})
+    c = data.get("constraint")
     return Request(tuple(data["prompt"]), data["max_new_tokens"], sampling, tuple(data["stop_ids"]),
-                   data["logprobs"])
+                   data["logprobs"], None if c is None else Constraint(c["grammar"], c["after"]))

@@ -19,7 +19,8 @@ Before any of that, `adjust_logits` applies a request's logit_bias and its prese
 penalties, as OpenAI defines them: z[j] += bias[j]; z[j] −= c[j]·frequency + (c[j] > 0)·presence,
 with c[j] the times token j was generated so far (the prompt does not count). Greedy decoding sees
 the adjusted logits too. Log probabilities (`token_logprobs`) are of the model's own logits,
-log-softmax in float32, before any adjustment (vLLM's "raw" logprobs).
+log-softmax in float32, before any adjustment (vLLM's "raw" logprobs). A grammar's token mask
+(`mask_logits`, constrained decoding) comes after the adjustments: a disallowed token's logit is −∞.
 """
 
 from __future__ import annotations
@@ -126,6 +127,19 @@ def adjust_logits(logits: jax.Array, presence: jax.Array, frequency: jax.Array, 
     logits = logits.at[jnp.arange(b)[:, None], ids].add(bias, mode="drop")
     c = counts.astype(jnp.float32)
     return logits - frequency[:, None] * c - presence[:, None] * (c > 0)
+
+
+def mask_logits(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Logits [B, V] (float32) with the tokens a row's bitmask does not allow at −∞.
+
+    allowed [B, ceil(V / 32)] int32: bit j of word w allows token 32·w + j (llguidance's layout; an
+    unconstrained row is all ones). The unpacking is a shift and an and per logit, no gather of V.
+    """
+    v = logits.shape[-1]
+    bits = jnp.arange(32, dtype=jnp.int32)
+    unpacked = (allowed[:, :, None] >> bits) & 1  # (B, W, 32): token 32·w + j
+    keep = unpacked.reshape(allowed.shape[0], -1)[:, :v].astype(bool)
+    return jnp.where(keep, logits.astype(jnp.float32), -jnp.inf)
 
 
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:

@@ -8,8 +8,9 @@ per latent group). The model thread loops:
     2. admit waiting jobs into free slots: prefill them (a batch of up to `max_prefill` distinct
        prompts, shapes bucketed; jobs with the same prompt, such as the `n` samples of one
        request, share its prefill), copy each prompt's cache into its slot, and emit its first token;
-    3. run one compiled decode call of `steps_per_call` steps over all slots and block on its
-       tokens; hand each job its new tokens.
+    3. run one compiled decode call of `steps_per_call` steps over all slots (one step while a slot's
+       reply is constrained by a grammar: runtime/constrained.py) and block on its tokens; hand each
+       job its new tokens.
 
 Rows never interact: a slot's sequence lives in that row of the cache alone and attention only
 sees keys at positions ≤ the row's own, so a request's greedy tokens do not depend on what shares
@@ -37,10 +38,12 @@ import numpy as np
 
 from kimi_jax.model.decoder import init_cache
 from kimi_jax.runtime import lockstep
+from kimi_jax.runtime.constrained import SlotConstraints
 from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from kimi_jax.text.grammar import GrammarError, Grammars
 
-MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
+MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 for a constraint's trigger)
 # One token's log probability and its top alternatives [(token id, log probability)], most likely first.
 TokenLogProb = tuple[float, list[tuple[int, float]]]
 _set_row = jax.jit(lambda big, small, src, dst: big.at[dst].set(small[src]), donate_argnums=(0,))
@@ -105,11 +108,12 @@ class Scheduler:
     The generator is used through `cfg`, `dtype`, `mesh`, `layout`, `batch_shards`,
     `steps_per_call`, `prefill_prompts`, `insert` and `decode` alone, so a stand-in with those
     (tests/serve_util.py rewrites the replies to scripted prompts) is scheduled like the real one.
+    `grammars` (the tokenizer's, text/grammar.py) runs requests with a `Constraint`.
     """
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_context: int = 4096, max_queue: int = 256,
                  max_prefill: int = 8, steps_per_call: int | None = None,
-                 lockstep_: lockstep.Lockstep | lockstep.Solo | None = None):
+                 lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, grammars: Grammars | None = None):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -128,6 +132,7 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}  # unfinished jobs by id
         self._next_id = 0
         self._step = 0  # iterations run
+        self.grammars = grammars
         self._finish_lock = threading.Lock()  # a lost follower fails jobs from the watchdog thread
 
     # Thread-safe API ----------------------------------------------------------------------------
@@ -136,8 +141,10 @@ class Scheduler:
         if len(request.prompt) + request.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max new tokens ({request.max_new_tokens}) "
                              f"exceed the server's context of {self.max_context} tokens")
-        if len(request.stop_ids) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids, got {len(request.stop_ids)}")
+        if len(request.stop_ids) > MAX_STOP_IDS - 1:
+            raise ValueError(f"at most {MAX_STOP_IDS - 1} stop token ids, got {len(request.stop_ids)}")
+        if request.constraint is not None and self.grammars is None:
+            raise ValueError("this server was started without grammars: constrained decoding is off")
         if not self.alive and self._thread is not None:
             raise SchedulerStopped(f"the model thread has stopped ({self.error}); restart the server")
         with self._wake:
@@ -284,10 +291,12 @@ class Scheduler:
                           np.zeros(b, np.float32), np.zeros(b, np.float32),
                           np.full((b, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((b, MAX_LOGIT_BIAS), np.float32))
         self._rows_device = None
+        self._constraints = SlotConstraints(self.grammars, b)
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
         self._state.done[slot] = True
+        self._constraints.free(slot)
 
     def _free_cancelled(self) -> None:
         gone = [j for j in self._waiting if j.cancelled]
@@ -308,10 +317,12 @@ class Scheduler:
                     self._waiting[0].request.prompt in prompts or len(prompts) < self.max_prefill):
                 jobs.append(self._waiting.popleft())
                 prompts.add(jobs[-1].request.prompt)
+            jobs = self._constrain(jobs, free)
             if not jobs:
                 return
             start = time.perf_counter()
-            logits, small, state, _, first_device = self.generator.prefill_prompts([j.request for j in jobs])
+            allowed = self._constraints.masks(free[:len(jobs)])
+            logits, small, state, _, first_device = self.generator.prefill_prompts([j.request for j in jobs], allowed)
             first = np.asarray(first_device)  # blocks: the first tokens are ready
             logprobs = None
             if any(j.request.logprobs for j in jobs):
@@ -333,12 +344,27 @@ class Scheduler:
                 lp = [_token_logprob(logprobs, k)] if logprobs is not None and job.request.logprobs else None
                 self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [], lp)
 
+    def _constrain(self, jobs: list[Job], free: list[int]) -> list[Job]:
+        """Give each job's slot its constraint (jobs take the free slots in order); a job whose grammar
+        does not compile ends with an error instead of being admitted. Returns the jobs admitted."""
+        admitted = []
+        for job in jobs:
+            slot = free[len(admitted)]
+            try:
+                self._constraints.admit(slot, job.request.constraint)
+            except GrammarError as e:
+                self._finish(job, f"error: the grammar does not compile: {e}")
+                continue
+            admitted.append(job)
+        return admitted
+
     def _set_rows(self, slot: int, request: Request) -> None:
         r, s = self._rows, request.sampling
         r.temperature[slot], r.top_p[slot], r.top_k[slot] = s.temperature, s.top_p, s.top_k
         r.seed[slot], r.max_new[slot] = s.seed, request.max_new_tokens
+        stops = request.stop_ids + self._constraints.trigger(slot)  # an armed constraint halts at its trigger
         r.stop_ids[slot] = -1
-        r.stop_ids[slot, :len(request.stop_ids)] = request.stop_ids
+        r.stop_ids[slot, :len(stops)] = stops
         r.presence[slot], r.frequency[slot] = s.presence_penalty, s.frequency_penalty
         r.bias_ids[slot], r.bias[slot] = -1, 0.0
         for j, (token, value) in enumerate(s.logit_bias):
@@ -351,9 +377,10 @@ class Scheduler:
         active = self.active
         jobs = [j.request for j in self._slots if j is not None]
         wants = any(r.logprobs for r in jobs)
+        allowed = self._constraints.masks()  # None unless a slot is constrained: then one step per call
         self._cache, state, out, logprobs = self.generator.decode(
-            self._cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
-            adjusts(jobs))
+            self._cache, self._state, self._rows_device, self.steps_per_call if allowed is None else 1,
+            TOP_LOGPROBS if wants else None, adjusts(jobs), allowed)
         out = np.asarray(out)  # (steps, B); blocks on the call
         logprobs = None if logprobs is None else jax.tree.map(np.asarray, logprobs)
         # writable host copies, but the token counts stay on device
@@ -378,7 +405,16 @@ class Scheduler:
 
     def _deliver(self, slot: int, job: Job, tokens: list[int], logprobs: list[TokenLogProb] | None = None) -> None:
         """Hand new tokens (and their log probabilities) to a job; finish it and free its slot when its
-        row is done."""
+        row is done. A constrained job's matcher takes the tokens first (an armed one may start here)."""
+        try:
+            if self._constraints.take(slot, tokens, job.request.stop_ids):  # halted at its trigger: go on
+                self._state.done[slot] = self._state.generated[slot] >= job.request.max_new_tokens
+                self._set_rows(slot, job.request)  # the trigger is no longer a stop
+                self._rows_device = None
+        except GrammarError as e:  # a token outside the mask: a bug, but the other jobs go on
+            self._finish(job, f"error: {e}", tokens, logprobs)
+            self._free(slot)
+            return
         done = bool(self._state.done[slot])
         if tokens and job.first_token_at is None:
             job.first_token_at = time.perf_counter()

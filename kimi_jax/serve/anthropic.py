@@ -18,6 +18,7 @@ message_delta, message_stop). `thinking: {"type": "disabled"}` leaves the reason
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from typing import Any
@@ -81,25 +82,29 @@ def prepare(body: dict[str, Any], server: Server) -> Prepared:
     top_p = number(body, "top_p", 1.0, 1e-9, 1)
     top_k = number(body, "top_k", 0, 0, 2**31 - 1, integer=True)
     tools = to_openai_tools(body)
-    kind, parallel = _tool_choice(body, [t["function"]["name"] for t in tools or ()])
-    use_tools = bool(tools) and kind == "auto"
+    kind, name, parallel = _tool_choice(body, [t["function"]["name"] for t in tools or ()])
+    use_tools = bool(tools) and kind != "none"
     thinking = mapping(body, "thinking") or {"type": "enabled"}
     thinks = _thinking(thinking, max_tokens)
     prompt = server.chat_prompt(to_openai_messages(body), tools, declare=use_tools,
                                 template_kwargs=None if thinks else {"thinking": False})
-    request = server.request(prompt, max_tokens, temperature, top_p, top_k)
+    reasoning = server.thinks and thinks
+    choice = {"any": "required", "tool": "named"}.get(kind, kind)  # OpenAI's names (Server.tool_constraint)
+    request = dataclasses.replace(server.request(prompt, max_tokens, temperature, top_p, top_k),
+                                  constraint=server.tool_constraint(tools, choice, name, parallel, reasoning))
     info = {"id": f"msg_{secrets.token_hex(12)}", "model": server.served_model_name}
     return Prepared(request, stop_strings(body, "stop_sequences"), boolean(body, "stream"), use_tools,
-                    reasoning=server.thinks and thinks, parallel_tool_calls=parallel, info=info)
+                    reasoning=reasoning, parallel_tool_calls=parallel, info=info)
 
 
-def _tool_choice(body: dict[str, Any], names: list[str]) -> tuple[str, bool]:
-    """`tool_choice` {type: auto | none | any | tool, name, disable_parallel_tool_use}: (type, parallel).
-    `any` and `tool` (forced calls) are refused: they need constrained decoding."""
+def _tool_choice(body: dict[str, Any], names: list[str]) -> tuple[str, str | None, bool]:
+    """`tool_choice` {type: auto | none | any | tool, name, disable_parallel_tool_use} -> (type, name,
+    parallel). `any` and `tool` force a call (constrained decoding)."""
     choice = mapping(body, "tool_choice") or {"type": "auto"}
     check_fields(choice, ("type", "name", "disable_parallel_tool_use"), at="tool_choice")
     kind = string(choice, "type", at="tool_choice", required=True, choices=("auto", "none", "any", "tool"))
     parallel = not boolean(choice, "disable_parallel_tool_use", at="tool_choice")
+    name = None
     if kind == "tool":
         name = string(choice, "name", at="tool_choice", required=True)
         if name not in names:
@@ -107,10 +112,9 @@ def _tool_choice(body: dict[str, Any], names: list[str]) -> tuple[str, bool]:
                                           f"({', '.join(names) or 'none declared'})")
     elif choice.get("name") is not None:
         raise bad("tool_choice.name", f"only tool_choice type 'tool' takes a name, not {kind!r}")
-    if kind in ("any", "tool"):
-        raise bad("tool_choice.type", f"not supported: {kind!r} (a forced tool call) needs constrained decoding, "
-                                      "not built yet; use 'auto'")
-    return kind, parallel
+    if kind in ("any", "tool") and not names:
+        raise bad("tool_choice.type", f"{kind!r} forces a tool call: declare the tools in `tools`")
+    return kind, name, parallel
 
 
 def _thinking(thinking: dict[str, Any], max_tokens: int) -> bool:

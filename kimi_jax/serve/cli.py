@@ -23,6 +23,7 @@ from kimi_jax.runtime.engine import DTYPES
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import MAX_BODY_BYTES, Server
+from kimi_jax.text.grammar import Grammars
 from sharding.rules import RULE_TABLES
 
 EPILOG = """\
@@ -81,7 +82,8 @@ def build_server(args: argparse.Namespace, model=None, generator=None, lockstep_
     that rewrites the replies to scripted prompts). lockstep_: process 0's side of a multi-host run."""
     if model is None:
         model = load_model(args)
-    scheduler = make_scheduler(args, generator if generator is not None else model.generator, lockstep_).start()
+    scheduler = make_scheduler(args, generator if generator is not None else model.generator, model.tokenizer,
+                               lockstep_).start()
     return Server(model, scheduler, args.served_model_name, args.api_key, args.max_body_bytes)
 
 
@@ -90,10 +92,13 @@ def load_model(args: argparse.Namespace):
                                       rules=args.rules if args.mesh else None)
 
 
-def make_scheduler(args: argparse.Namespace, generator, lockstep_=None) -> Scheduler:
-    """The scheduler every process builds alike (the same slots, context and batching)."""
+def make_scheduler(args: argparse.Namespace, generator, tokenizer, lockstep_=None) -> Scheduler:
+    """The scheduler every process builds alike (the same slots, context and batching, and the same
+    grammars: every process matches constrained replies itself)."""
+    grammars = Grammars(tokenizer, generator.cfg.padded_vocab_size) if tokenizer is not None else None
     return Scheduler(generator, max_batch=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
-                     max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_)
+                     max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_,
+                     grammars=grammars)
 
 
 def _follower_before_joining(args: argparse.Namespace) -> tuple[int, int, str] | None:
@@ -115,7 +120,7 @@ def follow(args: argparse.Namespace, info: distributed.ProcessInfo, lock: lockst
     lock.start()  # the heartbeat, while the model loads too
     try:
         model = load_model(args)
-        make_scheduler(args, model.generator, lock).follow()
+        make_scheduler(args, model.generator, model.tokenizer, lock).follow()
     except (OSError, ValueError) as e:
         print(f"error: process {info.process_id}: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # not the distributed runtime's shutdown barrier: process 0 may never reach it

@@ -9,7 +9,9 @@ JSON string, and `finish_reason` is "tool_calls" when there are any. A thinking 
 deltas), never part of `content`; `chat_template_kwargs: {"thinking": false}` turns that off.
 Implemented: temperature (default 0.6), top_p, top_k, max_tokens / max_completion_tokens, stop, seed,
 n (choice i samples with seed + i; all share one prefill), stream (+ stream_options), tools with
-tool_choice "auto" or "none", parallel_tool_calls, logprobs / top_logprobs (chat) and logprobs
+tool_choice "auto", "none", "required" or a named function, response_format json_object / json_schema
+(both by constrained decoding: `Server.json_constraint`, `Server.tool_constraint`), parallel_tool_calls,
+logprobs / top_logprobs (chat) and logprobs
 (completions: log-softmax of the model's fp32 logits), logit_bias and presence / frequency penalties
 (applied on device), echo (completions), chat_template_kwargs, return_tokens_as_token_ids (vLLM's).
 Every other field is refused by name (the tables below), unless its value asks for nothing.
@@ -18,6 +20,7 @@ Every other field is refused by name (the tables below), unless its value asks f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from functools import partial
@@ -33,6 +36,7 @@ from kimi_jax.serve.validation import (
     bad,
     boolean,
     check_fields,
+    check_schema,
     check_tools,
     got,
     mapping,
@@ -41,6 +45,7 @@ from kimi_jax.serve.validation import (
     refuse,
     stop_strings,
     string,
+    tool_name,
 )
 from kimi_jax.text.reasoning import ReasoningDelta
 from kimi_jax.text.tool_calls import ContentDelta, ToolCallArgumentsDelta, ToolCallStart, tool_call_dict
@@ -77,8 +82,6 @@ CHAT_FIELDS = SAMPLING_FIELDS + (
 COMPLETION_FIELDS = SAMPLING_FIELDS + ("prompt", "echo", "best_of", "suffix")
 INFORMATIONAL = ("user", "safety_identifier", "prompt_cache_key")  # strings that label the request
 REFUSED: dict[str, tuple[str, object]] = {  # field -> (why, which values ask for nothing)
-    "response_format": ("structured outputs (json_object / json_schema) need constrained decoding, not built yet",
-                        lambda v: v is None or v == {"type": "text"}),
     "store": ("this server stores no completions", lambda v: v is None or v is False),
     "service_tier": ("this server has one tier", lambda v: v in (None, "auto", "default")),
     "modalities": ("this model writes text only", lambda v: v is None or v == ["text"]),
@@ -144,12 +147,12 @@ def _prepared(body: dict[str, Any], server: Server, prompt: list[int], default_m
     return job
 
 
-def _tool_choice(body: dict[str, Any], names: list[str]) -> str:
-    """`tool_choice` checked: "auto" (the default with tools), "none" (the default without);
-    "required" and a named function are refused (they need constrained decoding)."""
+def _tool_choice(body: dict[str, Any], names: list[str]) -> tuple[str, str | None]:
+    """`tool_choice` checked -> (choice, name): "auto" (the default with tools), "none" (the default
+    without), "required", or ("named", the function's name)."""
     choice = body.get("tool_choice")
     if choice is None:
-        return "auto" if names else "none"
+        return ("auto" if names else "none"), None
     if isinstance(choice, dict):
         check_fields(choice, ("type", "function"), at="tool_choice")
         string(choice, "type", at="tool_choice", required=True, choices=("function",))
@@ -158,14 +161,31 @@ def _tool_choice(body: dict[str, Any], names: list[str]) -> str:
         if name not in names:
             raise bad("tool_choice.function.name", f"{show(name)} is not one of the declared tools "
                                                    f"({', '.join(names) or 'none declared'})")
-        raise bad("tool_choice", "not supported: forcing a named function needs constrained decoding, not built "
-                                 "yet; use 'auto'")
-    if choice == "required":
-        raise bad("tool_choice", "not supported: 'required' needs constrained decoding, not built yet; use 'auto'")
-    if choice not in ("auto", "none"):
+        return "named", name
+    if choice not in ("auto", "none", "required"):
         raise bad("tool_choice", f"must be 'auto', 'none', 'required' or {{type: 'function', function: {{name}}}}, "
                                  f"got {got(choice)}")
-    return choice
+    if choice == "required" and not names:
+        raise bad("tool_choice", "'required' needs tools to call: declare them in `tools`")
+    return choice, None
+
+
+def _response_format(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """`response_format` checked -> (the reply is JSON, its schema or None for any JSON object)."""
+    fmt = mapping(body, "response_format")
+    kind = string(fmt or {}, "type", "text", at="response_format", choices=("text", "json_object", "json_schema"))
+    check_fields(fmt or {}, ("type", "json_schema") if kind == "json_schema" else ("type",), at="response_format")
+    if kind != "json_schema":
+        return kind == "json_object", None
+    spec = mapping(fmt, "json_schema", at="response_format", required=True)
+    at = "response_format.json_schema"
+    check_fields(spec, ("name", "description", "schema", "strict"), at=at)
+    tool_name(spec, at)  # OpenAI's rule for the name: the tools' one
+    string(spec, "description", at=at)
+    boolean(spec, "strict", at=at)  # strict or not, the schema is enforced
+    schema = mapping(spec, "schema", at=at) or {}
+    check_schema(schema, path_of(at, "schema"), object_only=False)
+    return True, schema
 
 
 def prepare_chat(body: dict[str, Any], server: Server) -> Prepared:
@@ -173,14 +193,22 @@ def prepare_chat(body: dict[str, Any], server: Server) -> Prepared:
     _check_fields(body, CHAT_FIELDS)
     tools = body.get("tools")
     names = check_tools(tools)
-    use_tools = _tool_choice(body, names) != "none"
+    choice, name = _tool_choice(body, names)
+    use_tools = choice != "none"
     parallel = boolean(body, "parallel_tool_calls", True)
+    json_reply, schema = _response_format(body)
+    if json_reply and use_tools:
+        raise bad("response_format", "a JSON reply with tools is not supported: set tool_choice 'none', or leave "
+                                     "response_format out")
     kwargs = mapping(body, "chat_template_kwargs") or {}
     thinking = boolean(kwargs, "thinking", True, at="chat_template_kwargs")
     prompt = server.chat_prompt(body.get("messages"), tools, declare=use_tools, template_kwargs=kwargs)
     job = _prepared(body, server, prompt, None, use_tools, "chatcmpl")
     job.reasoning = server.thinks and thinking
     job.parallel_tool_calls = parallel
+    constraint = (server.json_constraint(schema, "response_format", job.reasoning) if json_reply else
+                  server.tool_constraint(tools, choice, name, parallel, job.reasoning))
+    job.request = dataclasses.replace(job.request, constraint=constraint)
     top = number(body, "top_logprobs", None, 0, TOP_LOGPROBS, integer=True)
     if boolean(body, "logprobs"):
         job.top_logprobs = top or 0

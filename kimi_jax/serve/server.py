@@ -8,13 +8,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.generation import Constraint, Request
 from kimi_jax.runtime.sampling import SamplingParams
-from kimi_jax.serve.errors import APIError, show
+from kimi_jax.serve.errors import APIError, clip, show
 from kimi_jax.serve.validation import bad, check_messages, check_tools, got
 from kimi_jax.text.chat_template import ChatFormatError, normalize_tool_call_ids
+from kimi_jax.text.grammar import GrammarError, Grammars, json_grammar, tool_call_grammar
+from kimi_jax.text.tool_calls import SECTION_BEGIN
 
 MAX_BODY_BYTES = 8 << 20  # a request body over 8 MiB is answered 413 (--max-body-bytes)
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool without parameters
 
 
 class Server:
@@ -65,6 +68,54 @@ class Server:
                                                       tools if declare and tools else None, **(template_kwargs or {}))
         except ChatFormatError as e:  # what the checks above let through, named by the template
             raise bad("messages", str(e)) from None
+
+    # Constrained decoding (text/grammar.py, runtime/constrained.py) ---------------------------------
+    @property
+    def grammars(self) -> Grammars | None:
+        """The scheduler's grammars (None: started without them, constrained requests are refused)."""
+        return getattr(self.scheduler, "grammars", None)
+
+    def json_constraint(self, schema: dict[str, Any] | None, at: str, reasoning: bool = False) -> Constraint:
+        """The reply is one JSON value of `schema` (None: any JSON object); 400 at `at` if it cannot be
+        enforced."""
+        grammar = json_grammar(schema, self.tokenizer, reasoning)
+        self._check_grammar(grammar, at)
+        return Constraint(grammar)
+
+    def tool_constraint(self, tools: list[dict[str, Any]] | None, choice: str, name: str | None = None,
+                        parallel: bool = True, reasoning: bool = False) -> Constraint | None:
+        """The grammar of a reply's tool calls (OpenAI-shaped `tools`), each call's arguments its tool's
+        schema: `choice` "required" (any declared tool) or "named" (`name` alone) makes the reply a
+        tool-call section; "auto" constrains the calls the model opens itself, and only if every
+        declared schema can be enforced (a tool with `strict: true` must be: else 400; the others then
+        go unconstrained, as before); "none": None."""
+        if not tools or choice == "none":
+            return None
+        declared = []
+        for i, tool in enumerate(tools):
+            function = tool["function"]
+            schema = function.get("parameters") or NO_ARGUMENTS
+            try:
+                self._check_grammar(json_grammar(schema), f"tools[{i}]")
+            except APIError:
+                if choice != "auto" or function.get("strict"):
+                    raise
+                return None  # auto, not strict: this schema is beyond the grammar compiler
+            if choice != "named" or function["name"] == name:
+                declared.append((function["name"], schema))
+        opened = choice == "auto"
+        grammar = tool_call_grammar(self.tokenizer, declared, parallel, opened=opened, reasoning=reasoning)
+        self._check_grammar(grammar, "tools")
+        return Constraint(grammar, self.tokenizer.special_ids[SECTION_BEGIN] if opened else None)
+
+    def _check_grammar(self, grammar: str, at: str) -> None:
+        if self.grammars is None:
+            raise APIError(400, f"{at}: constrained decoding is off on this server (it was started without "
+                                "grammars); leave out structured outputs and forced tool calls", param=at)
+        try:
+            self.grammars.check(grammar)
+        except GrammarError as e:
+            raise bad(at, f"the schema cannot be enforced by constrained decoding: {clip(str(e), 300)}") from None
 
     def request(self, prompt: Sequence[int], max_tokens: int | None, temperature: float, top_p: float,
                 top_k: int = 0, seed: int | None = None, presence_penalty: float = 0.0,

@@ -334,7 +334,5 @@ def check_tools(tools: Any, at: str = "tools") -> list[str]:
         string(function, "description", at=inner)
         if function.get("parameters") is not None:
             check_schema(function["parameters"], path_of(inner, "parameters"))
-        if boolean(function, "strict", at=inner):
-            raise bad(path_of(inner, "strict"), "not supported: arguments are not constrained to the schema "
-                                                "(no constrained decoding yet); leave strict unset or false")
+        boolean(function, "strict", at=inner)  # calls follow the schema either way (Server.tool_constraint)
     return names
