@@ -41,9 +41,22 @@ REFUSED_OPENAI = [
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "n": 0}, "n"),
     ("/v1/chat/completions", {**CHAT, "n": 5}, "n"),  # more than the server's 4 slots
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object", "schema": {}}},
+     "response_format.schema"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": SCHEMA}}}, "response_format"),
+        "name": "a b", "schema": SCHEMA}}}, "response_format.json_schema.name"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strang"}}}}, "response_format.json_schema.schema.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {  # valid, but
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}},  # beyond the grammar compiler
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}, "tools": TOOLS},
+     "response_format"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),  # no tools to call
+    ("/v1/chat/completions", {**CHAT, "tools": [_tool({"type": "object", "properties": {"a": {"not": {}}}},
+                                                      strict=True)]}, "tools[0]"),  # strict, not enforceable
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"abc": 10}}, "logit_bias.abc"),
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"99999": 10}}, "logit_bias.99999"),
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 101}}, "logit_bias.5"),
@@ -55,12 +68,9 @@ REFUSED_OPENAI = [
     ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
     ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
-    ("/v1/chat/completions", {**CHAT, "tool_choice": "required", "tools": TOOLS}, "tool_choice"),
-    ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": {
-        "type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": {
         "type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
-    ("/v1/chat/completions", {**CHAT, "tools": [_tool(strict=True)]}, "tools[0].function.strict"),
+    ("/v1/chat/completions", {**CHAT, "tools": [_tool(strict="yes")]}, "tools[0].function.strict"),
     # unknown fields, at the top and inside
     ("/v1/chat/completions", {**CHAT, "temprature": 0.5}, "temprature"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi", "contnet": "x"}]},
@@ -116,9 +126,7 @@ REFUSED_ANTHROPIC = [
     ("/v1/messages", {**MESSAGES, "container": "c1"}, "container"),
     ("/v1/messages", {**MESSAGES, "mcp_servers": [{"url": "http://x"}]}, "mcp_servers"),
     ("/v1/messages", {**MESSAGES, "metadata": {"user_id": 5}}, "metadata.user_id"),
-    ("/v1/messages", {**MESSAGES, "tools": [ATOOL], "tool_choice": {"type": "any"}}, "tool_choice.type"),
-    ("/v1/messages", {**MESSAGES, "tools": [ATOOL], "tool_choice": {"type": "tool", "name": "get_weather"}},
-     "tool_choice.type"),
+    ("/v1/messages", {**MESSAGES, "tool_choice": {"type": "any"}}, "tool_choice.type"),  # no tools to call
     ("/v1/messages", {**MESSAGES, "tools": [ATOOL], "tool_choice": {"type": "tool", "name": "nope"}},
      "tool_choice.name"),
     ("/v1/messages", {**MESSAGES, "tools": [ATOOL], "tool_choice": {"type": "auto",
@@ -194,7 +202,9 @@ NOOPS_OPENAI = [{"logprobs": False}, {"presence_penalty": 0, "frequency_penalty"
                 {"response_format": {"type": "text"}}, {"store": False}, {"modalities": ["text"]},
                 {"user": "u-1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "p"},
                 {"parallel_tool_calls": True}, {"service_tier": "auto"}, {"top_k": 5},
-                {"n": 1, "stream_options": None}, {"tool_choice": "none"}, {"return_tokens_as_token_ids": False}]
+                {"n": 1, "stream_options": None}, {"tool_choice": "none"}, {"return_tokens_as_token_ids": False},
+                {"tools": [_tool(strict=True)], "tool_choice": "none"},
+                {"tools": [_tool({"type": "object", "properties": {"a": {"not": {}}}})]}]  # unconstrained calls
 
 
 @pytest.mark.parametrize("extra", NOOPS_OPENAI, ids=[",".join(e) for e in NOOPS_OPENAI])
@@ -320,3 +330,74 @@ def test_big_body_is_tokenized_off_the_event_loop(server):
     worker.join()
     assert answered == [400]  # longer than the context: it was tokenized whole
     assert during >= 3, during
+
+
+# Structured outputs and forced tool calls (constrained decoding, kimi_jax/text/grammar.py) ----------
+USER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "role", "level"],
+               "properties": {"name": {"type": "string", "maxLength": 10}, "role": {"enum": ["admin", "guest"]},
+                              "level": {"type": "integer", "minimum": 1, "maximum": 9}}}
+ADD = _tool({"type": "object", "additionalProperties": False, "required": ["a", "b"],
+             "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                            "b": {"type": "integer", "minimum": 0, "maximum": 99}}}, name="add")
+CITY = _tool({"type": "object", "additionalProperties": False, "required": ["city"],
+              "properties": {"city": {"enum": ["Paris", "Rome"]}}}, name="city_facts")
+
+
+def test_json_schema_replies_validate_whole_and_streamed(server):
+    import jsonschema
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    fmt = {"type": "json_schema", "json_schema": {"name": "user", "schema": USER_SCHEMA, "strict": True}}
+    messages = [{"role": "user", "content": "Make up a user."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, n=3, seed=7,
+                                           temperature=1.0, max_tokens=80)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), USER_SCHEMA)
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, seed=8,
+                                            temperature=1.0, max_tokens=80, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), USER_SCHEMA)
+    anything = client.chat.completions.create(model=MODEL, messages=messages, response_format={"type": "json_object"},
+                                              seed=9, temperature=0.0, max_tokens=60)
+    if anything.choices[0].finish_reason == "stop":  # an unbounded object may run past max_tokens
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    else:
+        assert anything.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("choice, names", [({"type": "function", "function": {"name": "add"}}, {"add"}),
+                                           ("required", {"add", "city_facts"})])
+def test_forced_tool_calls_are_valid_calls(server, choice, names):
+    import jsonschema
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, CITY)}
+    for seed, parallel in ((1, True), (2, False), (3, True)):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello there!"}], tools=[ADD, CITY],
+            tool_choice=choice, parallel_tool_calls=parallel, seed=seed, temperature=1.0, max_tokens=120)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "tool_calls" and message.tool_calls, message
+        assert len(message.tool_calls) == 1 or parallel
+        for call in message.tool_calls:
+            assert call.function.name in names
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_anthropic_forced_tool_use(server):
+    import anthropic
+    import jsonschema
+
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    tools = [{"name": t["function"]["name"], "description": "", "input_schema": t["function"]["parameters"]}
+             for t in (ADD, CITY)]
+    schemas = {t["name"]: t["input_schema"] for t in tools}
+    for choice in ({"type": "any"}, {"type": "tool", "name": "city_facts", "disable_parallel_tool_use": True}):
+        reply = client.messages.create(model=MODEL, max_tokens=120, tools=tools, tool_choice=choice,
+                                       messages=[{"role": "user", "content": "Hi!"}], extra_body={"temperature": 1})
+        uses = [b for b in reply.content if b.type == "tool_use"]
+        assert reply.stop_reason == "tool_use" and uses, reply
+        for use in uses:
+            assert choice["type"] == "any" or use.name == "city_facts"
+            jsonschema.validate(use.input, schemas[use.name])

@@ -206,7 +206,8 @@ def prepare_chat(body: dict[str, Any], server: Server) -> Prepared:
     job = _prepared(body, server, prompt, None, use_tools, "chatcmpl")
     job.reasoning = server.thinks and thinking
     job.parallel_tool_calls = parallel
-    constraint = (server.json_constraint(schema, "response_format", job.reasoning) if json_reply else
+    at = "response_format" if schema is None else "response_format.json_schema.schema"
+    constraint = (server.json_constraint(schema, at, job.reasoning) if json_reply else
                   server.tool_constraint(tools, choice, name, parallel, job.reasoning))
     job.request = dataclasses.replace(job.request, constraint=constraint)
     top = number(body, "top_logprobs", None, 0, TOP_LOGPROBS, integer=True)
