@@ -25,13 +25,12 @@ from kimi_jax.text.grammar import GrammarError, Grammars, Matcher
 class SlotConstraints:
     """The grammar state of `slots` scheduler slots (all unconstrained without `grammars`)."""
 
-    def __init__(self, grammars: Grammars | None, slots: int):
-        self.grammars = grammars
+    def __init__(self, grammars: Grammars | None, slots: int, metrics=None):
+        self.grammars, self.metrics = grammars, metrics  # metrics: the scheduler's (mask_seconds, masked_tokens)
         self._matchers: list[Matcher | None] = [None] * slots  # active: masks every token
         self._armed: list[Constraint | None] = [None] * slots  # waiting for their trigger token
         words = grammars.words if grammars is not None else 1
         self._allowed = np.full((slots, words), -1, np.int32)  # all ones: every token allowed
-        self.mask_seconds = 0.0  # host time spent computing masks (the server's /metrics)
 
     def admit(self, slot: int, constraint: Constraint | None) -> None:
         """Give `slot` its request's constraint (GrammarError if the grammar does not compile)."""
@@ -71,7 +70,9 @@ class SlotConstraints:
         start = time.perf_counter()
         for s in live:
             self._matchers[s].fill(self._allowed[s])
-        self.mask_seconds += time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.mask_seconds += time.perf_counter() - start
+            self.metrics.masked_tokens += len(live)
         return self._allowed[slots]
 
     def take(self, slot: int, tokens: list[int], stop_ids: tuple[int, ...]) -> bool:

@@ -93,6 +93,8 @@ class Metrics:
         self.ttft_sum = 0.0
         self.ttft_buckets = [0] * len(self.TTFT_BUCKETS)
         self.last_tokens_per_s = 0.0
+        self.masked_tokens = 0  # tokens sampled under a grammar's mask (constrained decoding)
+        self.mask_seconds = 0.0  # model-thread seconds computing those masks
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft_count += 1
@@ -291,7 +293,7 @@ class Scheduler:
                           np.zeros(b, np.float32), np.zeros(b, np.float32),
                           np.full((b, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((b, MAX_LOGIT_BIAS), np.float32))
         self._rows_device = None
-        self._constraints = SlotConstraints(self.grammars, b)
+        self._constraints = SlotConstraints(self.grammars, b, self.metrics)
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None

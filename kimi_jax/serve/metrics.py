@@ -36,6 +36,10 @@ def prometheus_text(scheduler) -> str:
     metric("tokens_per_second", "gauge", "Generated tokens per busy second, since start.", [("", round(rate, 3))])
     metric("last_decode_tokens_per_second", "gauge", "Tokens per second of the last decode call.",
            [("", round(m.last_tokens_per_s, 3))])
+    metric("constrained_tokens_total", "counter", "Tokens sampled under a grammar's mask (structured outputs, "
+           "forced tool calls).", [("", m.masked_tokens)])
+    metric("grammar_mask_seconds_total", "counter", "Model-thread seconds computing grammar masks.",
+           [("", round(m.mask_seconds, 6))])
     buckets = [(f'_bucket{{le="{edge}"}}', count)  # observe_ttft already counts cumulatively
                for edge, count in zip(m.TTFT_BUCKETS, m.ttft_buckets)]
     buckets.append(('_bucket{le="+Inf"}', m.ttft_count))

@@ -167,7 +167,10 @@ class Grammars:
     def check(self, grammar: str) -> None:
         """Raise GrammarError naming what is wrong with `grammar` (an unsupported schema feature, …)."""
         llg = _llguidance()
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.llguidance_tokenizer)
+        try:
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.llguidance_tokenizer)
+        except (ValueError, RuntimeError, TypeError) as e:  # what llguidance raises for a malformed document
+            raise GrammarError(str(e)) from None
         if is_error:
             raise GrammarError(messages[0] if messages else "the grammar is invalid")
 
