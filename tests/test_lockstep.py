@@ -4,6 +4,7 @@ a silent follower fails the leader's jobs; requests survive the wire exactly."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -138,3 +139,38 @@ def test_requests_cross_the_wire_exactly():
     import json
 
     assert lockstep.request_from_json(json.loads(json.dumps(lockstep.request_to_json(r)))) == r
+
+
+def test_constrained_requests_run_alike_on_every_process(model):
+    """Each process matches the grammars itself: the same masks, tokens and finishes without sending them."""
+    import dataclasses
+
+    import jsonschema
+
+    from kimi_jax.runtime.generation import Constraint
+    from kimi_jax.text.grammar import Grammars, json_grammar, tool_call_grammar
+    from kimi_jax.text.tool_calls import SECTION_BEGIN
+
+    tok = model.tokenizer
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    marker = tok.special_ids[SECTION_BEGIN]
+    store = MemoryStore()
+    lead, follower, thread = _pair(model, store, max_batch=4, max_context=128,
+                                   grammars=Grammars(tok, model.config.padded_vocab_size))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the weather in Paris?"}])
+    constraints = [Constraint(json_grammar(schema)), None,
+                   Constraint(tool_call_grammar(tok, [("get_weather", {"type": "object"})], opened=True), marker)]
+    outs = []
+    for i, c in enumerate(constraints):
+        out, sink = _collect()
+        lead.submit(dataclasses.replace(_request(model, prompt, 40, temperature=1.0, seed=i), constraint=c), sink)
+        outs.append(out)
+    for out in outs:
+        assert out["done"].wait(120)
+    lead.stop()
+    thread.join(60)
+    jsonschema.validate(json.loads(tok.decode(outs[0]["tokens"][:-1])), schema)
+    assert follower.metrics.masked_tokens == lead.metrics.masked_tokens > 0
+    assert follower.metrics.generation_tokens == lead.metrics.generation_tokens
+    assert follower.metrics.requests == lead.metrics.requests and follower.iterations == lead.iterations
