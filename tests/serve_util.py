@@ -125,13 +125,13 @@ class ScriptedGenerator:
             self._slots.pop(slot, None)
         return self.generator.insert(cache, small, row, slot)
 
-    def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False, allowed=None):
+    def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False, masks=None):
         if self._slots:
             slots = np.array(list(self._slots))
             lengths = np.array([len(tokens) for tokens, _ in self._slots.values()], np.int32)
             rows = rows._replace(stop_ids=jnp.asarray(rows.stop_ids).at[slots].set(-1),
                                  max_new=jnp.asarray(rows.max_new).at[slots].set(lengths))
-        cache, state, out, lps = self.generator.decode(cache, state, rows, steps, logprobs, adjust, allowed)
+        cache, state, out, lps = self.generator.decode(cache, state, rows, steps, logprobs, adjust, masks)
         out = np.array(out)  # (steps, B)
         for slot, entry in self._slots.items():
             tokens, given = entry

@@ -239,3 +239,29 @@ def test_a_grammar_that_does_not_compile_fails_its_request_alone(model, grammars
     finally:
         scheduler.stop()
     assert reason_good in ("stop", "length") and reason_broken.startswith("error: the grammar does not compile")
+
+
+def test_the_step_callback_feeds_each_row_one_token_behind(model, grammars):
+    """SlotConstraints.step_masks, as the decode loop calls it: a row's matcher takes the token made at
+    the step before; a token outside the grammar (a bug) leaves the row only its end of turn."""
+    from kimi_jax.runtime.constrained import SlotConstraints
+
+    tok = model.tokenizer
+    slots = SlotConstraints(grammars, 3)
+    slots.admit(0, Constraint(json_grammar(CITY)), tok.stop_ids)
+    slots.admit(2, Constraint(json_grammar(CITY)), tok.stop_ids)
+    assert slots.active and slots.masks([1]) is None
+    first = slots.masks([0, 1])
+    assert {tok.decode([t]) for t in allowed_ids(first[0])} <= {"{", '{"', '{"city'} and (first[1] == -1).all()
+    brace = tok.encode('{"')[0]
+    generated, done = np.array([1, 1, 1]), np.array([False, False, False])
+    masks = slots.step_masks(np.array([brace, 5, brace]), generated, done)
+    assert (masks[1] == -1).all() and set(allowed_ids(masks[0])) == set(allowed_ids(masks[2]))
+    again = slots.step_masks(np.array([brace, 5, brace]), generated, done)  # no new token: nothing fed
+    np.testing.assert_array_equal(again, masks)
+    wrong, fine = tok.encode("zzz")[0], int(allowed_ids(masks[2])[0])
+    masks = slots.step_masks(np.array([wrong, 5, fine]), generated + 1, done)
+    assert set(allowed_ids(masks[0])) == set(tok.stop_ids) and "does not continue" in slots.failure(0)
+    assert slots.failure(2) is None and slots.active
+    slots.free(0)
+    assert slots.failure(0) is None

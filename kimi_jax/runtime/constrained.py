@@ -1,15 +1,20 @@
-"""Constrained decoding in the scheduler: each slot's grammar matcher and the masks of the next step.
+"""Constrained decoding in the scheduler: each slot's grammar matcher and the masks of every step.
 
-A request with a `Constraint` gets a matcher (text/grammar.py) when it is admitted. Before every
-token it makes, the matcher writes the row's allowed-token bitmask, and every token it made is fed
-back. A constraint with `after` (tool_choice auto) is *armed* instead: its trigger token is one more
-device stop id of the row, so a multi-step decode call halts that row right after the model opens
-the tool-call section; the scheduler then starts the matcher and lets the row go on (`take`).
+A request with a `Constraint` gets a matcher (text/grammar.py) when it is admitted. Its first token
+is sampled by prefill under the matcher's first mask (`masks`); after that the decode loop asks for
+the masks of every step itself (`step_masks`, a host callback inside the compiled loop: see
+Generator.register_masks), so constrained and free rows share multi-step decode calls. The callback
+first feeds each constrained row the token it made at the step before (the matcher runs one token
+behind the device: `_consumed`), then writes the row's allowed-token bitmask; free rows allow all.
 
-While some slot's matcher is active the scheduler runs one decode step per call (a mask depends on
-the token before it); unconstrained batches keep `steps_per_call` steps per call and a program with
-no mask at all. Every process of a lockstep runs the same matchers on the same tokens, so their
-masks agree without being sent.
+A constraint with `after` (tool_choice auto) is *armed* instead: its trigger token is one more device
+stop id of the row, so the decode loop halts that row right after the model opens the tool-call
+section; the scheduler then starts the matcher and lets the row go on (`take`).
+
+A matcher that fails (a token outside its mask: a bug) lets its row write only an end-of-turn token,
+so the row ends on every process alike, and its job finishes with the error (`failure`). The callback runs
+on the process that holds the program's first device; every process keeps the same slot states
+(they apply the same events), so they agree on which programs to run.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ class SlotConstraints:
         self.grammars, self.metrics = grammars, metrics  # metrics: the scheduler's (mask_seconds, masked_tokens)
         self._matchers: list[Matcher | None] = [None] * slots  # active: masks every token
         self._armed: list[Constraint | None] = [None] * slots  # waiting for their trigger token
+        self._consumed = np.zeros(slots, np.int64)  # tokens of the slot's reply its matcher has taken
+        self._stops: list[tuple[int, ...]] = [()] * slots  # end-of-turn ids: never fed to a matcher
+        self._failed: list[str | None] = [None] * slots
         words = grammars.words if grammars is not None else 1
         self._allowed = np.full((slots, words), -1, np.int32)  # all ones: every token allowed
 
-    def admit(self, slot: int, constraint: Constraint | None) -> None:
+    def admit(self, slot: int, constraint: Constraint | None, stop_ids: tuple[int, ...]) -> None:
         """Give `slot` its request's constraint (GrammarError if the grammar does not compile)."""
         self.free(slot)
         if constraint is None:
@@ -40,6 +48,7 @@ class SlotConstraints:
         if self.grammars is None:
             raise GrammarError("this scheduler was built without a tokenizer's grammars: constrained requests "
                                "need Scheduler(grammars=...)")
+        self._stops[slot] = tuple(stop_ids)
         if constraint.after is None:
             self._matchers[slot] = self.grammars.matcher(constraint.grammar)
         else:
@@ -47,7 +56,8 @@ class SlotConstraints:
             self._armed[slot] = constraint
 
     def free(self, slot: int) -> None:
-        self._matchers[slot] = self._armed[slot] = None
+        self._matchers[slot] = self._armed[slot] = self._failed[slot] = None
+        self._consumed[slot] = 0
         self._allowed[slot] = -1
 
     def trigger(self, slot: int) -> tuple[int, ...]:
@@ -57,37 +67,61 @@ class SlotConstraints:
 
     @property
     def active(self) -> bool:
-        """Some slot's next token is masked (decode then runs one step per call)."""
-        return any(m is not None for m in self._matchers)
+        """Some slot's tokens are masked (decode calls then ask for masks every step)."""
+        return any(m is not None for m in self._matchers) or any(f is not None for f in self._failed)
 
-    def masks(self, slots: list[int] | None = None) -> np.ndarray | None:
-        """The allowed-token bitmasks [len(slots) or all slots, W] of the next token, or None when none
-        of those slots is constrained."""
-        slots = list(range(len(self._matchers))) if slots is None else slots
-        live = [s for s in slots if self._matchers[s] is not None]
-        if not live:
+    def masks(self, slots: list[int]) -> np.ndarray | None:
+        """The first-token masks [len(slots), W] of newly admitted slots (for prefill), or None when none
+        of them is constrained."""
+        if all(self._matchers[s] is None for s in slots):
             return None
-        start = time.perf_counter()
-        for s in live:
-            self._matchers[s].fill(self._allowed[s])
-        if self.metrics is not None:
-            self.metrics.mask_seconds += time.perf_counter() - start
-            self.metrics.masked_tokens += len(live)
+        for s in slots:
+            if self._matchers[s] is not None:
+                self._fill(s)
         return self._allowed[slots]
 
-    def take(self, slot: int, tokens: list[int], stop_ids: tuple[int, ...]) -> bool:
-        """Feed the tokens `slot` made to its matcher; True when the last one was the slot's trigger
-        (its matcher has just started: the row must go on although the device stopped it)."""
-        matcher = self._matchers[slot]
-        if matcher is not None:
-            for t in tokens:
-                if t in stop_ids:  # the end of the turn: nothing follows it
-                    break
-                matcher.advance(t)
-            return False
+    def step_masks(self, tokens: np.ndarray, generated: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """The decode loop's callback: feed each constrained row the token it made last, then return
+        every row's mask [slots, W] for the token it makes now."""
+        for s, matcher in enumerate(self._matchers):
+            if matcher is None or done[s]:
+                continue
+            if generated[s] > self._consumed[s]:  # one token behind: the one made at the step before
+                self._consumed[s] = generated[s]
+                if int(tokens[s]) not in self._stops[s]:
+                    try:
+                        matcher.advance(int(tokens[s]))
+                    except GrammarError as e:
+                        self._fail(s, str(e))
+                        continue
+            self._fill(s)
+        return self._allowed.copy()
+
+    def take(self, slot: int, tokens: list[int], generated: int) -> bool:
+        """After a call, the tokens `slot` made: True when the last one was the slot's trigger (its
+        matcher has just started: the row must go on although the device stopped it)."""
         armed = self._armed[slot]
         if armed is not None and tokens and tokens[-1] == armed.after:
             self._armed[slot] = None
-            self._matchers[slot] = self.grammars.matcher(armed.grammar)
+            self._matchers[slot] = self.grammars.matcher(armed.grammar)  # the trigger itself is not fed
+            self._consumed[slot] = generated
             return True
         return False
+
+    def failure(self, slot: int) -> str | None:
+        """Why the slot's matcher failed (its row is ending its turn), or None."""
+        return self._failed[slot]
+
+    def _fill(self, slot: int) -> None:
+        start = time.perf_counter()
+        self._matchers[slot].fill(self._allowed[slot])
+        if self.metrics is not None:
+            self.metrics.mask_seconds += time.perf_counter() - start
+            self.metrics.masked_tokens += 1
+
+    def _fail(self, slot: int, why: str) -> None:
+        """The row may only end its turn now (every process sees it end); `take` reports `why`."""
+        self._matchers[slot], self._failed[slot] = None, why
+        row = np.zeros(self._allowed.shape[1] * 32, bool)
+        row[list(self._stops[slot])] = True
+        self._allowed[slot] = np.packbits(row, bitorder="little").view(np.int32)

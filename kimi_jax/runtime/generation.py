@@ -22,13 +22,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from kimi_jax.config import Config
 from kimi_jax.model.attention import LatentCache
@@ -294,6 +295,7 @@ class Generator:
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6), donate_argnums=(1,))
+        self._mask_sources: dict[int, Callable] = {}  # constrained decoding: see `register_masks`
         self.first_logprobs = jax.jit(token_logprobs, static_argnums=(2,))  # of prefill's logits and tokens
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
 
@@ -343,10 +345,10 @@ class Generator:
         return logits[:, 0], cache
 
     def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, logprobs: int | None,
-                     adjust: bool, allowed=None):
+                     adjust: bool, source=None):
         """Up to `steps` decode steps -> (cache, state, tokens [steps, B] (−1 where nothing was made),
-        log probabilities [steps, B] with the top `logprobs` (None: not computed)). `allowed`: the rows'
-        grammar masks [B, W] for a one-step call."""
+        log probabilities [steps, B] with the top `logprobs` (None: not computed)). `source`: the mask
+        source (`register_masks`) each step asks for the rows' grammar masks (None: no masks)."""
         self.traces["decode"] += 1
         b = state.tokens.shape[0]
 
@@ -357,6 +359,9 @@ class Generator:
             # and on CPU every bf16 weight upcast to f32, embedding table included). Measured on the
             # CPU bench config: 61 vs 78 ms per step at 8 steps per call (BENCHMARKS.md (Generation)).
             params_ = jax.lax.optimization_barrier((params, i))[0]
+            # Asked for before the forward pass, which does not need them: the host computes the masks
+            # while the device computes the logits.
+            allowed = None if source is None else self._step_masks(source, state)
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
             logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],
                                                  cache)
@@ -377,6 +382,25 @@ class Generator:
                                                      jnp.zeros((steps, b, logprobs), jnp.float32))
         _, cache, state, out, lps = jax.lax.while_loop(more, body, (0, cache, state, out, lps))
         return self._place_cache(cache), state, out, lps
+
+    def _step_masks(self, source: jax.Array, state: DecodeState) -> jax.Array:
+        """The rows' grammar masks [B, W] for this step, from the host (runtime/constrained.py): a callback
+        inside the decode loop, so that a constrained row costs the batch a host round trip per step
+        rather than a compiled call per token (BENCHMARKS.md, "Constrained decoding")."""
+        b, words = state.tokens.shape[0], -(-self.cfg.padded_vocab_size // 32)
+        rows = jnp.stack([state.tokens, state.generated, state.done.astype(jnp.int32)])  # one operand: (3, B)
+        return io_callback(self._host_masks, jax.ShapeDtypeStruct((b, words), jnp.int32), source, rows,
+                           ordered=False)
+
+    def _host_masks(self, source, rows) -> np.ndarray:
+        tokens, generated, done = np.asarray(rows)
+        return self._mask_sources[int(source)](tokens, generated, done.astype(bool))
+
+    def register_masks(self, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> int:
+        """Register a mask source: fn(last tokens [B], generated [B], done [B]) -> int32 masks [B, W], called
+        by every decode step of a `decode(..., masks=id)` call before it samples. Returns the id."""
+        self._mask_sources[len(self._mask_sources)] = fn
+        return len(self._mask_sources) - 1
 
     # Host side ----------------------------------------------------------------------------------
     def prefill_prompts(self, requests: list[Request], allowed: np.ndarray | None = None):
@@ -411,16 +435,14 @@ class Generator:
         return logits, self._place(small, max(s, t)), state, rows, first
 
     def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None, logprobs: int | None = None,
-               adjust: bool = False, allowed: np.ndarray | None = None):
+               adjust: bool = False, masks: int | None = None):
         """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B] (−1 = none),
         LogProbs [steps, B] with the top `logprobs` alternatives, or None when `logprobs` is None).
-        `adjust`: apply the rows' logit_bias and penalties (some row has them). `allowed` [B, W]: the rows'
-        grammar masks, for one step (the next mask depends on the token this step makes). The cache is
-        donated: use the returned one."""
-        steps = steps or self.steps_per_call
-        if allowed is not None and steps != 1:
-            raise ValueError(f"a decode call with grammar masks runs one step, not {steps}")
-        return self._decode(self.params, cache, state, rows, steps, logprobs, adjust, allowed)
+        `adjust`: apply the rows' logit_bias and penalties (some row has them). `masks`: a mask source id
+        (`register_masks`) that gives every step the rows' grammar masks. The cache is donated: use the
+        returned one."""
+        source = None if masks is None else np.int32(masks)
+        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call, logprobs, adjust, source)
 
     def stream(self, requests: list[Request]) -> Iterator[list[list[int]]]:
         """Yield, per compiled call, each request's new tokens (possibly none); the last one ends with its stop."""

@@ -8,9 +8,9 @@ per latent group). The model thread loops:
     2. admit waiting jobs into free slots: prefill them (a batch of up to `max_prefill` distinct
        prompts, shapes bucketed; jobs with the same prompt, such as the `n` samples of one
        request, share its prefill), copy each prompt's cache into its slot, and emit its first token;
-    3. run one compiled decode call of `steps_per_call` steps over all slots (one step while a slot's
-       reply is constrained by a grammar: runtime/constrained.py) and block on its tokens; hand each
-       job its new tokens.
+    3. run one compiled decode call of `steps_per_call` steps over all slots (while a slot's reply is
+       constrained by a grammar, each step asks the host for the rows' masks: runtime/constrained.py)
+       and block on its tokens; hand each job its new tokens.
 
 Rows never interact: a slot's sequence lives in that row of the cache alone and attention only
 sees keys at positions ≤ the row's own, so a request's greedy tokens do not depend on what shares
@@ -294,6 +294,7 @@ class Scheduler:
                           np.full((b, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((b, MAX_LOGIT_BIAS), np.float32))
         self._rows_device = None
         self._constraints = SlotConstraints(self.grammars, b, self.metrics)
+        self._mask_source = g.register_masks(self._constraints.step_masks) if self.grammars else None
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
@@ -353,7 +354,7 @@ class Scheduler:
         for job in jobs:
             slot = free[len(admitted)]
             try:
-                self._constraints.admit(slot, job.request.constraint)
+                self._constraints.admit(slot, job.request.constraint, job.request.stop_ids)
             except GrammarError as e:
                 self._finish(job, f"error: the grammar does not compile: {e}")
                 continue
@@ -379,10 +380,10 @@ class Scheduler:
         active = self.active
         jobs = [j.request for j in self._slots if j is not None]
         wants = any(r.logprobs for r in jobs)
-        allowed = self._constraints.masks()  # None unless a slot is constrained: then one step per call
+        masks = self._mask_source if self._constraints.active else None  # each step asks for its masks
         self._cache, state, out, logprobs = self.generator.decode(
-            self._cache, self._state, self._rows_device, self.steps_per_call if allowed is None else 1,
-            TOP_LOGPROBS if wants else None, adjusts(jobs), allowed)
+            self._cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
+            adjusts(jobs), masks)
         out = np.asarray(out)  # (steps, B); blocks on the call
         logprobs = None if logprobs is None else jax.tree.map(np.asarray, logprobs)
         # writable host copies, but the token counts stay on device
@@ -407,16 +408,11 @@ class Scheduler:
 
     def _deliver(self, slot: int, job: Job, tokens: list[int], logprobs: list[TokenLogProb] | None = None) -> None:
         """Hand new tokens (and their log probabilities) to a job; finish it and free its slot when its
-        row is done. A constrained job's matcher takes the tokens first (an armed one may start here)."""
-        try:
-            if self._constraints.take(slot, tokens, job.request.stop_ids):  # halted at its trigger: go on
-                self._state.done[slot] = self._state.generated[slot] >= job.request.max_new_tokens
-                self._set_rows(slot, job.request)  # the trigger is no longer a stop
-                self._rows_device = None
-        except GrammarError as e:  # a token outside the mask: a bug, but the other jobs go on
-            self._finish(job, f"error: {e}", tokens, logprobs)
-            self._free(slot)
-            return
+        row is done. An armed constraint may start here (the row halted at its trigger goes on)."""
+        if self._constraints.take(slot, tokens, int(self._state.generated[slot])):
+            self._state.done[slot] = self._state.generated[slot] >= job.request.max_new_tokens
+            self._set_rows(slot, job.request)  # the trigger is no longer a stop
+            self._rows_device = None
         done = bool(self._state.done[slot])
         if tokens and job.first_token_at is None:
             job.first_token_at = time.perf_counter()
@@ -424,8 +420,9 @@ class Scheduler:
         job.generated += len(tokens)
         self.metrics.generation_tokens += len(tokens)
         if done:
-            last = tokens[-1] if tokens else None
-            self._finish(job, "stop" if last in job.request.stop_ids else "length", tokens, logprobs)
+            last, failure = tokens[-1] if tokens else None, self._constraints.failure(slot)
+            reason = f"error: {failure}" if failure else "stop" if last in job.request.stop_ids else "length"
+            self._finish(job, reason, tokens, logprobs)
             self._free(slot)
         elif tokens and not (job.cancelled or job.cancel_asked or job.finished):
             job.sink(tokens, None, logprobs)
