@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import signal
 import time
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_two_processes_answer_as_one_process_and_model_chat(two, one):
             assert a[1] == calls, (a, d)
     assert alone[3][1] and alone[3][1][0][0] == "get_weather"  # the tool call came back as a call
     assert "Kimi" in alone[0][0]
+
+
+def test_structured_output_across_processes(two, one):
+    """A json_schema reply (the grammar's masks come from process 0's host, mid-loop) validates and
+    equals the one-process server's, sampled with the same seed."""
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+              "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                             "days": {"type": "integer", "minimum": 1, "maximum": 9}}}
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Plan a trip."}], temperature=1.0, seed=3,
+                  max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "trip",
+                                                                                         "schema": schema}})
+    replies = [_client(url).chat.completions.create(**kwargs).choices[0].message.content for url in (two.url, one.url)]
+    jsonschema.validate(json.loads(replies[0]), schema)
+    assert replies[0] == replies[1]
+    assert metrics(two.url)["constrained_tokens_total"] > 0
 
 
 def test_disconnect_frees_the_slot_on_both_processes(two):
