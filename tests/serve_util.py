@@ -27,7 +27,6 @@ import httpx
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.runtime.generation import DecodeState
 from kimi_jax.serve.cli import LiveServer  # noqa: F401  (re-exported for the tests)
 
 WEATHER_CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'

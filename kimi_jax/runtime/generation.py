@@ -15,6 +15,10 @@ Shapes are bucketed (batch to a power of two, prompt and cache lengths to 2^k or
 new prompt length reuses a compiled program; the persistent compile cache (`enable_compile_cache`)
 carries programs across runs. Each row is one sequence in slots 0..len−1, so rows of different
 lengths never interact: batched greedy tokens equal unbatched ones.
+
+The scheduler's path (`prefill_paged`) prefills straight into a pool of pages through page tables
+(model/paged.py) from each row's prefix-cache hit on, and its decode calls read the pool the same
+way; the absorbed and expanded attention are the same code over either cache.
 """
 
 from __future__ import annotations
@@ -437,19 +441,21 @@ class Generator:
         tokens, positions = np.zeros((u, t), np.int32), np.full((u, t), -1, np.int32)
         table = np.full((u, tables.shape[1]), -1, np.int32)
         for i, (sq, k) in enumerate(first_of.items()):
-            tokens[i, :len(sq) - starts[k]], positions[i, :len(sq) - starts[k]] = sq[starts[k]:], range(starts[k], len(sq))
-            table[i] = tables[k]
+            todo = len(sq) - starts[k]  # the uncached tail
+            tokens[i, :todo], positions[i, :todo], table[i] = sq[starts[k]:], range(starts[k], len(sq)), tables[k]
         order = list(first_of)
         gather = np.array([order.index(sq) for sq in seqs] + [0] * (b - len(seqs)), np.int32)
+        some = next(iter(pool.values()))
+        page_size, num_pages = some.page_size, some.latent.shape[1]
         src, dst = [], []  # a repeated row's computed pages, copied from its sequence's first row
         for k, sq in enumerate(seqs):
             first = first_of[sq]
             if first != k:
-                computed = range(starts[k] // self._page_size(pool), -(-len(sq) // self._page_size(pool)))
+                computed = range(starts[k] // page_size, -(-len(sq) // page_size))
                 src += [tables[first][i] for i in computed]
                 dst += [tables[k][i] for i in computed]
         m = batch_bucket(max(1, len(src)))
-        copy = np.array([src + [0] * (m - len(src)), dst + [self._num_pages(pool)] * (m - len(dst))], np.int32)
+        copy = np.array([src + [0] * (m - len(src)), dst + [num_pages] * (m - len(dst))], np.int32)  # pad: dropped
         history = np.full((b, batch_bucket(max(1, *map(len, histories)))), -1, np.int32)
         generated, at = np.zeros(b, np.int32), np.full(b, counts.shape[0], np.int32)  # padding: out of range
         for k, h in enumerate(histories):
@@ -459,14 +465,6 @@ class Generator:
                                                                  gather, copy, generated, history, at, rows,
                                                                  adjusts(requests))
         return logits, pool, counts, jax.tree.map(np.asarray, state), rows, first
-
-    @staticmethod
-    def _page_size(pool: dict[str, PagedCache]) -> int:
-        return next(iter(pool.values())).page_size
-
-    @staticmethod
-    def _num_pages(pool: dict[str, PagedCache]) -> int:
-        return next(iter(pool.values())).latent.shape[1]
 
     def pool_shardings(self, pool: dict[str, PagedCache]) -> dict[str, PagedCache]:
         """Mesh shardings of a page pool (model/paged.py POOL_AXES: pages split like the batch)."""
@@ -512,26 +510,6 @@ class Generator:
             stopped = bool(res.token_ids) and res.token_ids[-1] in r.stop_ids
             res.finish_reason = "stop" if stopped else "length"
         return results
-
-    def insert(self, cache, small, row: int, slot: int):
-        """Copy row `row` of a prefill cache (from `prefill_prompts`) into slot `slot` of a decode cache,
-        which is donated: use the returned one. The scheduler admits each request this way."""
-        return _insert_row(cache, small, row, slot)
-
-
-def _copy_row(cache: dict[str, LatentCache], small: dict[str, LatentCache], src, dst) -> dict[str, LatentCache]:
-    """Row `src` of a prefill cache [L, b, T, w] into slot `dst` of a slot cache [L, B, S, w]
-    (its first min(T, S) positions; a prompt never reaches past S)."""
-
-    def one(big, part):
-        s = big.shape[2]
-        row = jax.lax.dynamic_slice_in_dim(part, src, 1, axis=1)[:, :, :s]  # (L, 1, min(T, S), w)
-        return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (0, dst, 0, 0))
-
-    return jax.tree.map(one, cache, small)
-
-
-_insert_row = jax.jit(_copy_row, donate_argnums=(0,))  # src, dst traced: one program per cache shape
 
 
 # Text-level helpers (used by Model.stream / Model.chat) ------------------------------------------

@@ -54,8 +54,8 @@ import numpy as np
 
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import lockstep
-from kimi_jax.runtime.pages import PagePool, pages_for
 from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts, batch_bucket
+from kimi_jax.runtime.pages import PagePool, pages_for
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
