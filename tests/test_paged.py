@@ -13,6 +13,7 @@ from kimi_jax.runtime import generation
 from kimi_jax.runtime.generation import Request
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.runtime.scheduler import Scheduler
+from kimi_jax.serve.metrics import prometheus_text
 
 pytestmark = pytest.mark.generation
 
@@ -172,6 +173,21 @@ def test_prefix_cache_keeps_replies_and_counts_hits(model, alone):
     # and so does LONG[0] again.
     assert m.prefix_hit_tokens == 16 + 16
     assert m.prefix_queried_tokens == sum(map(len, LONG)) + len(LONG[0])
+    exported = dict(line.rsplit(" ", 1) for line in prometheus_text(sched).splitlines() if not line.startswith("#"))
+    assert float(exported["kimi_jax_prefix_cache_hit_tokens_total"]) == 32
+    assert float(exported["kimi_jax_prefix_cache_hit_rate"]) == pytest.approx(32 / m.prefix_queried_tokens, abs=1e-6)
+    assert float(exported["kimi_jax_kv_pages_used"]) == 0 and float(exported["kimi_jax_preemptions_total"]) == 0
+    assert float(exported["kimi_jax_kv_pages_free"]) == sched.pages.num_pages == 32
+
+
+def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
+    from kimi_jax.serve.cli import make_scheduler, parse_args
+
+    sched = make_scheduler(parse_args(["--max-batch", "2", "--max-context", "100", "--page-size", "16",
+                                       "--kv-pages", "9", "--no-prefix-cache"]), model.generator)
+    assert (sched.page_size, sched.pages_per_seq, sched.pages.num_pages) == (16, 7, 9)
+    assert not sched.pages.prefix_cache
+    assert make_scheduler(parse_args([]), model.generator).pages.prefix_cache  # on by default
 
 
 def test_prefix_cache_evicts_under_pressure(model, alone):

@@ -33,7 +33,7 @@ class PagedCache(NamedTuple):
 
     latent: jax.Array
     k_rope: jax.Array
-    table: jax.Array
+    table: jax.Array | None
 
     @property
     def page_size(self) -> int:
@@ -46,8 +46,9 @@ class PagedCache(NamedTuple):
         b, n = pages.shape
 
         def view(pool):
-            one = pool if layer is None else pool[layer]  # (P, page, width)
-            return one[pages].reshape(b, n * one.shape[1], one.shape[2])  # (B, n, page, w) -> (B, n·page, w)
+            # One gather of (layer, page) pairs: slicing the layer out first could copy its whole pool.
+            rows = pool[pages] if layer is None else pool[layer, pages]  # (B, n, page, w)
+            return rows.reshape(b, n * rows.shape[2], rows.shape[3])  # (B, n·page, w)
 
         return LatentCache(view(self.latent), view(self.k_rope))
 
@@ -68,22 +69,24 @@ class PagedCache(NamedTuple):
 
 
 def init_pages(cfg: Config, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> dict[str, PagedCache]:
-    """An empty pool per layer group ([layers, P, page, width] leaves) with an empty [0, 0] table."""
+    """An empty pool per layer group ([layers, P, page, width] leaves) with no table yet (`with_table`)."""
     pool = {}
     for group, (_, count, _) in LAYER_GROUPS.items():
         n = count(cfg)
         if n:
             pool[group] = PagedCache(jnp.zeros((n, num_pages, page_size, cfg.kv_lora_rank), dtype),
                                      jnp.zeros((n, num_pages, page_size, cfg.qk_rope_head_dim), dtype),
-                                     jnp.zeros((0, 0), jnp.int32))
+                                     None)
     return pool
 
 
-def with_table(pool: dict[str, PagedCache], table: jax.Array) -> dict[str, PagedCache]:
-    """The pool with every group reading through `table` [B, n] (the same pages in every layer)."""
+def with_table(pool: dict[str, PagedCache], table: jax.Array | None) -> dict[str, PagedCache]:
+    """The pool with every group reading through `table` [B, n] (the same pages in every layer); None
+    drops it (the pool at rest, of one shape whatever the last call's table)."""
     return {group: cache._replace(table=table) for group, cache in pool.items()}
 
 
 def pool_axes(pool: dict[str, PagedCache]) -> dict[str, PagedCache]:
     """The logical axes of each leaf of `pool` (for the layout's shardings)."""
-    return {group: PagedCache(POOL_AXES, POOL_AXES, TABLE_AXES) for group in pool}
+    return {group: PagedCache(POOL_AXES, POOL_AXES, None if c.table is None else TABLE_AXES)
+            for group, c in pool.items()}

@@ -345,7 +345,7 @@ class Generator:
         first = _next(logits, start, rows, adjust)
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         counts = counts.at[slots].set(state.counts, mode="drop")
-        return logits, self._place_cache(cache), counts, state._replace(counts=None), emitted
+        return logits, self._place_cache(with_table(cache, None)), counts, state._replace(counts=None), emitted
 
     def _place_impl(self, small: dict[str, LatentCache], length: int):
         """Copy a prefill cache into the first slots of an empty `length`-slot cache."""

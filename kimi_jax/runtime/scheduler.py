@@ -62,6 +62,7 @@ MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2)
 # Positions per page: a prefix is shared in whole pages, and one page of one layer is a contiguous
 # 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
 PAGE_SIZE = 64
+MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own
 # One token's log probability and its top alternatives [(token id, log probability)], most likely first.
 TokenLogProb = tuple[float, list[tuple[int, float]]]
 
@@ -424,9 +425,10 @@ class Scheduler:
             self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [], lp)
 
     def _table_width(self, pages: int) -> int:
-        """Page-table columns for a call whose longest row holds `pages` pages: bucketed (few programs),
-        so attention reads only as many positions as the longest sequence might use."""
-        return min(batch_bucket(max(pages, 1)), self.pages_per_seq)
+        """Page-table columns for a call whose longest row holds `pages` pages: a power of two (few
+        programs) of at least MIN_TABLE_POSITIONS positions, so attention reads about as far as the
+        longest sequence might use and no further (at 128K context: 8 decode programs, not 2048 pages)."""
+        return min(batch_bucket(max(pages, MIN_TABLE_POSITIONS // self.page_size, 1)), self.pages_per_seq)
 
     def _grow(self) -> None:
         """Give each running sequence, oldest first, the pages its next decode call may write;
@@ -480,7 +482,7 @@ class Scheduler:
         cache, state, out, logprobs = self.generator.decode(
             cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
             adjusts(jobs))
-        self._pool = cache  # its table is replaced by the next call's
+        self._pool = with_table(cache, None)  # one pool shape between calls: prefill compiles once
         out = np.asarray(out)  # (steps, B); blocks on the call
         logprobs = None if logprobs is None else jax.tree.map(np.asarray, logprobs)
         # writable host copies, but the token counts stay on device
