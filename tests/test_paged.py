@@ -4,6 +4,7 @@ pages (exhaustion, preemption, prefix caching, cancellation) gives every request
 
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,8 +51,6 @@ def _paged_equals_contiguous(m, contiguous_gen=None):
     tables = _scrambled_tables(len(PROMPTS), width, num_pages)
     pool = init_pages(cfg, num_pages, PAGE, m.dtype)
     if gen.mesh is not None:
-        import jax
-
         pool = jax.device_put(pool, gen.pool_shardings(pool))
     counts = jnp.zeros((b, cfg.padded_vocab_size), jnp.int32)
     paged_last, pool, counts, state, _, first = gen.prefill_paged(pool, counts, requests, [0, 1, 2], tables,
