@@ -27,7 +27,6 @@ import httpx
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.runtime.generation import DecodeState
 from kimi_jax.serve.cli import LiveServer  # noqa: F401  (re-exported for the tests)
 
 WEATHER_CALL = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
@@ -91,39 +90,33 @@ class ScriptedGenerator:
     """The real Generator, with the replies to scripted prompts rewritten (see the module docstring).
 
     script(prompt ids) -> token ids, or None for the model's own reply. The scheduler uses a generator
-    through prefill_prompts / insert / decode (and its settings, forwarded): prefill gives a scripted
-    row the script's first token, `insert` says which slot the row lands in, and each decode call's
-    tokens for that slot are the script's next ones. The slot's real row runs with no stop ids and a
+    through prefill_paged / decode (and its settings, forwarded): prefill gives a scripted row the
+    script's first token and says which slot the row lands in, and each decode call's tokens for that
+    slot are the script's next ones. The slot's real row runs with no stop ids and a
     length of the (cut) script, so the row's `done` falls exactly when the script ends.
     """
 
     def __init__(self, generator, script):
         self.generator, self.script = generator, script
-        self._admitted: list[list[int] | None] = []  # the last prefill's rows: scripted tokens or None
         self._slots: dict[int, list] = {}  # slot -> [scripted tokens, how many handed out]
 
     def __getattr__(self, name):  # cfg, dtype, mesh, layout, batch_shards, steps_per_call
         return getattr(self.generator, name)
 
-    def prefill_prompts(self, requests, allowed=None):
-        logits, small, state, rows, first = self.generator.prefill_prompts(requests, allowed)
-        first, state = np.array(first), DecodeState(*(np.array(x) for x in state))
-        self._admitted = []
-        for k, request in enumerate(requests):
+    def prefill_paged(self, pool, counts, requests, slots, tables, starts, histories, allowed=None):
+        logits, pool, counts, state, rows, first = self.generator.prefill_paged(pool, counts, requests, slots, tables,
+                                                                                starts, histories, allowed)
+        first, state = np.array(first), state._replace(done=np.array(state.done))
+        for k, (request, slot, history) in enumerate(zip(requests, slots, histories)):
             tokens = self.script(request.prompt)
             tokens = None if tokens is None else list(tokens)[:request.max_new_tokens]  # bounded like a model
-            self._admitted.append(tokens)
-            if tokens:
-                first[k], state.done[k] = tokens[0], len(tokens) == 1
-        return logits, small, state, rows, first
-
-    def insert(self, cache, small, row, slot):
-        tokens = self._admitted[row]
-        if tokens:
-            self._slots[slot] = [tokens, 1]
-        else:
-            self._slots.pop(slot, None)
-        return self.generator.insert(cache, small, row, slot)
+            if tokens:  # a resumed (preempted) row goes on from the tokens it was given
+                given = min(len(history), len(tokens) - 1)
+                first[k], state.done[k] = tokens[given], given + 1 == len(tokens)
+                self._slots[slot] = [tokens, given + 1]
+            else:
+                self._slots.pop(slot, None)
+        return logits, pool, counts, state, rows, first
 
     def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False, masks=None):
         if self._slots:

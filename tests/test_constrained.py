@@ -265,3 +265,26 @@ def test_the_step_callback_feeds_each_row_one_token_behind(model, grammars):
     assert slots.failure(2) is None and slots.active
     slots.free(0)
     assert slots.failure(0) is None
+
+
+def test_a_preempted_constrained_reply_resumes_inside_its_grammar(model, grammars):
+    """A pool too small for every slot: constrained sequences are preempted and recomputed (their
+    matchers take the tokens made so far again), and each greedy reply equals the one made alone."""
+    tok = model.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"A user, as JSON ({i})."}]) for i in range(4)]
+    requests = [request(model, p, 40, temperature=0.0, constraint=Constraint(json_grammar(SCHEMA))) for p in prompts]
+    alone = Scheduler(model.generator, max_batch=1, max_context=96, page_size=8, grammars=grammars).start()
+    try:
+        want = [run(alone, [r])[0] for r in requests]
+    finally:
+        alone.stop()
+    tight = Scheduler(model.generator, max_batch=4, max_context=96, page_size=8, num_pages=12,
+                      grammars=grammars).start()
+    try:
+        got = run(tight, requests)
+    finally:
+        tight.stop()
+    assert tight.metrics.preemptions > 0 and got == want
+    for tokens, reason in got:
+        if reason == "stop":
+            jsonschema.validate(json.loads(tok.decode(tokens[:-1])), SCHEMA)

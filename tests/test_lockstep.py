@@ -119,6 +119,30 @@ def test_leader_and_follower_run_the_same_iterations(model):
     assert follower.active == lead.active == 0
 
 
+def test_leader_and_follower_take_the_same_page_decisions(model):
+    """A pool of one sequence's pages for 4 slots: admission waits, sequences are preempted and prompts
+    hit the prefix cache, identically on both processes (the follower decides from the events alone)."""
+    store = MemoryStore()
+    lead, follower, thread = _pair(model, store, max_batch=4, max_context=64, page_size=8, num_pages=8)
+    prompts = [[1, 5, 9, 13] * 5, [1, 7, 7], [1, 5, 9, 13] * 5 + [2, 3], [3, 1, 4, 1, 5, 9, 2, 6]]
+    outs = []
+    for p in prompts:
+        out, sink = _collect()
+        lead.submit(_request(model, p, 20), sink)
+        outs.append(out)
+    for out in outs:
+        assert out["done"].wait(300)
+    lead.stop()
+    thread.join(60)
+    for p, out in zip(prompts, outs):
+        assert out["tokens"] == model.generate([p], max_new_tokens=20, temperature=0)[0]
+    assert lead.metrics.preemptions > 0
+    for name in ("preemptions", "prefix_hit_tokens", "prefix_queried_tokens", "prefill_calls", "decode_calls"):
+        assert getattr(follower.metrics, name) == getattr(lead.metrics, name), name
+    assert follower.pages.evictions == lead.pages.evictions
+    assert follower.pages._free == lead.pages._free and list(follower.pages._lru) == list(lead.pages._lru)
+
+
 def test_silent_follower_fails_the_leaders_jobs(model):
     store = MemoryStore()
     lead = Scheduler(model.generator, max_batch=2, max_context=128,

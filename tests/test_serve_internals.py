@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from kimi_jax.runtime.default_model import default_checkpoint
 from kimi_jax.runtime.lockstep import Solo
+from kimi_jax.runtime.pages import PagePool
 from kimi_jax.runtime.scheduler import Metrics
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import Server
@@ -74,6 +75,7 @@ class FakeScheduler:
     def __init__(self, tokens, stop_ids, fail=False):
         self.tokens, self.stop_ids, self.fail = list(tokens), set(stop_ids), fail
         self.metrics, self.cancelled, self.lockstep = Metrics(), [], Solo()
+        self.pages = PagePool(16, 16)  # /metrics reports the page pool
 
     def submit(self, request, sink):
         tokens = self.tokens[:request.max_new_tokens]

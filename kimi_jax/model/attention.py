@@ -46,6 +46,11 @@ class LatentCache(NamedTuple):
         """Layer `layer`'s cache [B, S, width] (the cache itself when `layer` is None)."""
         return self if layer is None else LatentCache(self.latent[layer], self.k_rope[layer])
 
+    def write(self, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
+              layer: jax.Array | None = None) -> LatentCache:
+        """`write_cache` as a method, so MLA writes a LatentCache and a paged cache (model/paged.py) alike."""
+        return write_cache(self, latent, k_rope, positions, layer)
+
 
 def write_cache(cache: LatentCache, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
                 layer: jax.Array | None = None) -> LatentCache:
@@ -88,7 +93,8 @@ class MLA(nn.Module):
                  layer: jax.Array | None = None):
         """x [B, T, D], positions [B, T] (−1 = padding) -> (out [B, T, D], updated cache or None).
 
-        `cache` is one layer's, or with `layer` a layer group's stack of which row `layer` is used.
+        `cache` is one layer's, or with `layer` a layer group's stack of which row `layer` is used; a
+        LatentCache or a paged cache (model/paged.py), which reads and writes through its page table.
         """
         cfg = self.cfg
         p = declare(self, attention_specs(cfg), cfg)
@@ -113,7 +119,7 @@ class MLA(nn.Module):
             # that the step only writes the cache (the TPU compiler re-reads a row just written: 14 MB a
             # layer for Kimi-K2 at batch 1). The new keys are rounded to the cache's dtype, as stored.
             mine = cache.layer(layer)
-            cache = write_cache(cache, latent, k_rope, positions, layer)
+            cache = cache.write(latent, k_rope, positions, layer)
             slots = jnp.broadcast_to(jnp.arange(mine.latent.shape[-2]), (b, mine.latent.shape[-2]))
             rewritten = (positions[:, :, None] == slots[:, None, :]).any(1)  # (B, S): slots this call writes
             segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)),
@@ -121,7 +127,7 @@ class MLA(nn.Module):
                         (LatentCache(*(a.astype(c.dtype).astype(x.dtype) for a, c in zip((latent, k_rope), mine))),
                          attention_mask(positions, positions))]
         else:  # prefill: write, then attend to the cache (one segment: no key is scored twice)
-            cache = write_cache(cache, latent, k_rope, positions, layer)
+            cache = cache.write(latent, k_rope, positions, layer)
             mine = cache.layer(layer)
             k_pos = jnp.broadcast_to(jnp.arange(mine.latent.shape[-2]), (b, mine.latent.shape[-2]))
             segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)), attention_mask(positions, k_pos))]

@@ -40,8 +40,10 @@ class SlotConstraints:
         words = grammars.words if grammars is not None else 1
         self._allowed = np.full((slots, words), -1, np.int32)  # all ones: every token allowed
 
-    def admit(self, slot: int, constraint: Constraint | None, stop_ids: tuple[int, ...]) -> None:
-        """Give `slot` its request's constraint (GrammarError if the grammar does not compile)."""
+    def admit(self, slot: int, constraint: Constraint | None, stop_ids: tuple[int, ...],
+              history: list[int] = ()) -> None:
+        """Give `slot` its request's constraint (GrammarError if the grammar does not compile).
+        `history`: the tokens the request made before it was preempted; its matcher takes them again."""
         self.free(slot)
         if constraint is None:
             return
@@ -49,11 +51,16 @@ class SlotConstraints:
             raise GrammarError("this scheduler was built without a tokenizer's grammars: constrained requests "
                                "need Scheduler(grammars=...)")
         self._stops[slot] = tuple(stop_ids)
-        if constraint.after is None:
-            self._matchers[slot] = self.grammars.matcher(constraint.grammar)
-        else:
+        history = list(history)
+        if constraint.after is not None and constraint.after not in history:
             self.grammars.check(constraint.grammar)  # fail now, not when the trigger comes
             self._armed[slot] = constraint
+            return
+        matcher = self.grammars.matcher(constraint.grammar)
+        start = 0 if constraint.after is None else history.index(constraint.after) + 1  # after its trigger
+        for token in history[start:]:
+            matcher.advance(token)
+        self._matchers[slot], self._consumed[slot] = matcher, len(history)
 
     def free(self, slot: int) -> None:
         self._matchers[slot] = self._armed[slot] = self._failed[slot] = None

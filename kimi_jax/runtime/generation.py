@@ -15,6 +15,10 @@ Shapes are bucketed (batch to a power of two, prompt and cache lengths to 2^k or
 new prompt length reuses a compiled program; the persistent compile cache (`enable_compile_cache`)
 carries programs across runs. Each row is one sequence in slots 0..len−1, so rows of different
 lengths never interact: batched greedy tokens equal unbatched ones.
+
+The scheduler's path (`prefill_paged`) prefills straight into a pool of pages through page tables
+(model/paged.py) from each row's prefix-cache hit on, and its decode calls read the pool the same
+way; the absorbed and expanded attention are the same code over either cache.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from kimi_jax.model.attention import LatentCache
 from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.decoder import Transformer, init_cache, vocab_logits
 from kimi_jax.model.layout import UNSHARDED, Layout
+from kimi_jax.model.paged import PagedCache, pool_axes, with_table
 from kimi_jax.runtime.sampling import (
     DEFAULT_TEMPERATURE,
     LogProbs,
@@ -293,6 +298,7 @@ class Generator:
         self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
         self.traces: collections.Counter = collections.Counter()  # compilations per function (tests)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
+        self._prefill_paged = jax.jit(self._prefill_paged_impl, static_argnums=(13,), donate_argnums=(1, 2))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6), donate_argnums=(1,))
         self._mask_sources: dict[int, Callable] = {}  # constrained decoding: see `register_masks`
@@ -300,10 +306,12 @@ class Generator:
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
 
     # Compiled pieces (run under jit; Python here runs once per shape bucket) -------------------
-    def _place_cache(self, cache: dict[str, LatentCache]) -> dict[str, LatentCache]:
-        """Pin the cache to its mesh sharding (a no-op on one device)."""
+    def _place_cache(self, cache: dict[str, LatentCache | PagedCache]) -> dict[str, LatentCache | PagedCache]:
+        """Pin the cache (slot rows or a page pool) to its mesh sharding (a no-op on one device)."""
         if self.mesh is None:
             return cache
+        if isinstance(next(iter(cache.values())), PagedCache):
+            return jax.lax.with_sharding_constraint(cache, self.pool_shardings(cache))
         _, batch, length, _ = next(iter(cache.values())).latent.shape
         return jax.lax.with_sharding_constraint(cache, self.layout.cache_shardings(self.cfg, batch, length))
 
@@ -329,6 +337,34 @@ class Generator:
         first = _next(logits, start, rows, adjust, allowed)
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         return logits, cache, state, emitted
+
+    def _prefill_paged_impl(self, params, pool, counts, tokens, positions, table, gather, copy, generated, history,
+                            slots, rows: Rows, allowed, adjust: bool):
+        """Prefill into the page pool. tokens, positions [U, T]: each distinct sequence's uncached tail
+        (−1 = pad), written through table [U, n] while attending to the sequence's cached pages too.
+        Row i of the batch continues sequence gather[i]; copy [2, m] (src, dst page ids) then gives the
+        rows that share a sequence their own copy of its computed pages. `generated` [B] and history
+        [B, H] (−1 = none) are what a resumed row had generated (its sampling step and penalty counts
+        go on from there). -> (last logits [B, V], pool, slot counts with the rows' at `slots` (an
+        out-of-range slot, as for a padding row, is dropped), state without counts, first tokens [B])."""
+        self.traces["prefill_paged"] += 1
+        u, b, v = tokens.shape[0], gather.shape[0], self.cfg.padded_vocab_size
+        cache = self._place_cache(with_table(pool, table))
+        hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
+        lengths = (positions >= 0).sum(1)
+        last = hidden[jnp.arange(u), jnp.maximum(lengths - 1, 0)]  # (U, D): only these need logits
+        logits = vocab_logits(self.cfg, self.backend, last, params["lm_head"], self.dtype)[gather]  # (B, V)
+        src, dst = copy
+        cache = {g: c._replace(latent=c.latent.at[:, dst].set(c.latent[:, src], mode="drop"),
+                               k_rope=c.k_rope.at[:, dst].set(c.k_rope[:, src], mode="drop")) for g, c in cache.items()}
+        seen = jnp.zeros((b, v), jnp.int32).at[jnp.arange(b)[:, None], jnp.where(history >= 0, history, v)].add(
+            1, mode="drop")  # (B, V): a resumed row's penalty counts
+        last_pos, empty = positions.max(1)[gather], lengths[gather] == 0
+        start = DecodeState(jnp.zeros(b, jnp.int32), last_pos, generated, empty, seen)
+        first = _next(logits, start, rows, adjust, allowed)
+        state, emitted = _advance(start._replace(tokens=first), first, rows)
+        counts = counts.at[slots].set(state.counts, mode="drop")
+        return logits, self._place_cache(with_table(cache, None)), counts, state._replace(counts=None), emitted
 
     def _place_impl(self, small: dict[str, LatentCache], length: int):
         """Copy a prefill cache into the first slots of an empty `length`-slot cache."""
@@ -426,6 +462,63 @@ class Generator:
                                                     row_lengths, rows, allowed, adjusts(requests))
         return logits, small, state, rows, first
 
+    def prefill_paged(self, pool: dict[str, PagedCache], counts: jax.Array, requests: list[Request],
+                      slots: Sequence[int], tables: np.ndarray, starts: Sequence[int],
+                      histories: Sequence[Sequence[int]], allowed: np.ndarray | None = None):
+        """Prefill requests into a page pool (the scheduler's path; both `pool` and `counts` are donated).
+
+        Row k is requests[k] continued by histories[k] (tokens it generated before it was preempted;
+        empty for a new request), bound for decode slot slots[k], reading and writing through the page
+        table tables[k] ([n] page ids, −1 = none). Its first starts[k] tokens are already in its pages
+        (a prefix hit, a multiple of the page size) and only the rest is computed; rows with the same
+        tokens (the `n` samples of a request) are computed once and the pages copied. counts: the
+        decode slots' [slots, V] token counts. allowed [len(requests), W]: each row's grammar mask for
+        its first token (None: no row is constrained). -> (last logits, pool, counts with the rows' at their
+        slots, host state of the rows, device rows, first tokens), the batch bucketed.
+        """
+        seqs = [r.prompt + tuple(h) for r, h in zip(requests, histories)]
+        if any(not 0 <= st < len(sq) for sq, st in zip(seqs, starts)):
+            raise ValueError(f"prefill starts {list(starts)} must each leave a token of its row to compute")
+        first_of = {}  # distinct sequence -> its first row
+        for k, sq in enumerate(seqs):
+            first_of.setdefault(sq, k)
+        u, b = batch_bucket(len(first_of), self.batch_shards), batch_bucket(len(requests), self.batch_shards)
+        t = length_bucket(max(len(sq) - starts[k] for sq, k in first_of.items()))
+        tokens, positions = np.zeros((u, t), np.int32), np.full((u, t), -1, np.int32)
+        table = np.full((u, tables.shape[1]), -1, np.int32)
+        for i, (sq, k) in enumerate(first_of.items()):
+            todo = len(sq) - starts[k]  # the uncached tail
+            tokens[i, :todo], positions[i, :todo], table[i] = sq[starts[k]:], range(starts[k], len(sq)), tables[k]
+        order = list(first_of)
+        gather = np.array([order.index(sq) for sq in seqs] + [0] * (b - len(seqs)), np.int32)
+        some = next(iter(pool.values()))
+        page_size, num_pages = some.page_size, some.latent.shape[1]
+        src, dst = [], []  # a repeated row's computed pages, copied from its sequence's first row
+        for k, sq in enumerate(seqs):
+            first = first_of[sq]
+            if first != k:
+                computed = range(starts[k] // page_size, -(-len(sq) // page_size))
+                src += [tables[first][i] for i in computed]
+                dst += [tables[k][i] for i in computed]
+        m = batch_bucket(max(1, len(src)))
+        copy = np.array([src + [0] * (m - len(src)), dst + [num_pages] * (m - len(dst))], np.int32)  # pad: dropped
+        history = np.full((b, batch_bucket(max(1, *map(len, histories)))), -1, np.int32)
+        generated, at = np.zeros(b, np.int32), np.full(b, counts.shape[0], np.int32)  # padding: out of range
+        for k, h in enumerate(histories):
+            history[k, :len(h)], generated[k], at[k] = h, len(h), slots[k]
+        rows = jax.device_put(_rows(requests, b))
+        if allowed is not None:
+            allowed = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
+        logits, pool, counts, state, first = self._prefill_paged(self.params, pool, counts, tokens, positions, table,
+                                                                 gather, copy, generated, history, at, rows, allowed,
+                                                                 adjusts(requests))
+        return logits, pool, counts, jax.tree.map(np.asarray, state), rows, first
+
+    def pool_shardings(self, pool: dict[str, PagedCache]) -> dict[str, PagedCache]:
+        """Mesh shardings of a page pool (model/paged.py POOL_AXES: pages split like the batch)."""
+        return jax.tree.map(lambda axes, leaf: self.layout.sharding(axes, leaf.shape, "paged KV cache"),
+                            pool_axes(pool), pool, is_leaf=lambda x: isinstance(x, tuple) and not hasattr(x, "_fields"))
+
     def prefill(self, requests: list[Request]):
         """Run prefill for a batch; returns (last logits, decode cache, state, rows, first tokens) on device."""
         logits, small, state, rows, first = self.prefill_prompts(requests)
@@ -467,26 +560,6 @@ class Generator:
             stopped = bool(res.token_ids) and res.token_ids[-1] in r.stop_ids
             res.finish_reason = "stop" if stopped else "length"
         return results
-
-    def insert(self, cache, small, row: int, slot: int):
-        """Copy row `row` of a prefill cache (from `prefill_prompts`) into slot `slot` of a decode cache,
-        which is donated: use the returned one. The scheduler admits each request this way."""
-        return _insert_row(cache, small, row, slot)
-
-
-def _copy_row(cache: dict[str, LatentCache], small: dict[str, LatentCache], src, dst) -> dict[str, LatentCache]:
-    """Row `src` of a prefill cache [L, b, T, w] into slot `dst` of a slot cache [L, B, S, w]
-    (its first min(T, S) positions; a prompt never reaches past S)."""
-
-    def one(big, part):
-        s = big.shape[2]
-        row = jax.lax.dynamic_slice_in_dim(part, src, 1, axis=1)[:, :, :s]  # (L, 1, min(T, S), w)
-        return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (0, dst, 0, 0))
-
-    return jax.tree.map(one, cache, small)
-
-
-_insert_row = jax.jit(_copy_row, donate_argnums=(0,))  # src, dst traced: one program per cache shape
 
 
 # Text-level helpers (used by Model.stream / Model.chat) ------------------------------------------

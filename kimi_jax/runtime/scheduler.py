@@ -1,27 +1,44 @@
-"""Continuous batching: a fixed set of decode slots kept busy by one model thread.
+"""Continuous batching: a fixed set of decode slots kept busy by one model thread, over a paged cache.
 
-The slot cache holds `max_batch` sequences of `max_context` positions each ([layers, B, S, width]
-per latent group). The model thread loops:
+The latent cache is a pool of `num_pages` pages of `page_size` positions (model/paged.py); each
+decode slot reads and writes its sequence through a page table, and holds only the pages its tokens
+fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread loops:
 
     1. free the slots of finished or cancelled jobs (their rows are marked done: position −1,
-       so they write nothing and are skipped by every later step);
-    2. admit waiting jobs into free slots: prefill them (a batch of up to `max_prefill` distinct
-       prompts, shapes bucketed; jobs with the same prompt, such as the `n` samples of one
-       request, share its prefill), copy each prompt's cache into its slot, and emit its first token;
-    3. run one compiled decode call of `steps_per_call` steps over all slots (while a slot's reply is
+       so they write nothing; their pages go back to the pool);
+    2. admit waiting jobs, oldest first, while a slot is free and the pool has the pages for the
+       prompt and one decode call (admission is by free pages, not free slots alone): look the
+       prompt's full pages up in the prefix cache, prefill only the tokens after the hit (a batch of
+       up to `max_prefill` distinct prompts, shapes bucketed; jobs with the same prompt, such as the
+       `n` samples of one request, share its prefill), and emit each job's first token;
+    3. give each running sequence the pages its next decode call may write; when the pool runs out,
+       preempt the youngest running sequence (the last admitted): its pages are released (its full
+       pages stay in the prefix cache) and it goes back to the front of the queue, to be recomputed
+       from its prompt and the tokens it already made when pages free up. Its reply goes on where it
+       stopped: no token is lost, repeated or changed (greedy tokens equal an unpreempted run's);
+    4. run one compiled decode call of `steps_per_call` steps over all slots (while a slot's reply is
        constrained by a grammar, each step asks the host for the rows' masks: runtime/constrained.py)
        and block on its tokens; hand each job its new tokens.
 
-Rows never interact: a slot's sequence lives in that row of the cache alone and attention only
-sees keys at positions ≤ the row's own, so a request's greedy tokens do not depend on what shares
-the batch. New requests wait at most one decode call before they are prefilled.
+Preemption (vLLM's "recompute") was chosen over reserving every request's worst case up front:
+a reservation of prompt + max_tokens would hold pages that most replies never fill, and the
+waiting head of the queue already waits for pages rather than being skipped (no starvation).
+
+Automatic prefix caching (on unless `prefix_cache=False`): a sequence's full pages are registered
+under a digest of their tokens and all before them once written, and kept in an LRU list when the
+sequence ends, so a later prompt with the same start reuses them and prefills from the hit.
+
+Rows never interact: a slot's sequence lives in its own pages (shared ones are never written) and
+attention only sees keys at positions ≤ the row's own, so a request's greedy tokens do not depend on
+what shares the batch. New requests wait at most one decode call before they are prefilled.
 
 The thread owns JAX; the asyncio side calls `submit` / `cancel` (thread-safe) and receives
 events through each job's `sink` callback, which runs on the model thread. Submissions and
 cancellations take effect at the start of the next iteration, as *events*: across processes
 (runtime/lockstep.py) process 0 publishes each iteration's events before it acts on them and
 every other process runs the same iteration from them (`follow`), so all of them call the same
-compiled programs in the same order.
+compiled programs in the same order. Page allocation, prefix hits, eviction and preemption depend
+only on those events (no clock, no randomness), so every process takes the same decisions.
 """
 
 from __future__ import annotations
@@ -36,17 +53,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.model.decoder import init_cache
+from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.constrained import SlotConstraints
-from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
+from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts, batch_bucket
+from kimi_jax.runtime.pages import PagePool, pages_for
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from kimi_jax.text.grammar import GrammarError, Grammars
 
 MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 for a constraint's trigger)
+# Positions per page: a prefix is shared in whole pages, and one page of one layer is a contiguous
+# 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
+PAGE_SIZE = 64
+MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own
 # One token's log probability and its top alternatives [(token id, log probability)], most likely first.
 TokenLogProb = tuple[float, list[tuple[int, float]]]
-_set_row = jax.jit(lambda big, small, src, dst: big.at[dst].set(small[src]), donate_argnums=(0,))
 
 
 class QueueFull(RuntimeError):
@@ -69,6 +90,8 @@ class Job:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generated: int = 0
+    output: list[int] = dataclasses.field(default_factory=list)  # the tokens generated so far
+    preemptions: int = 0  # times its sequence was preempted (and recomputed)
     cancel_asked: bool = False  # set by `cancel`: no more tokens reach the sink
     cancelled: bool = False  # set when the cancel event is applied: the slot is freed
     finished: bool = False
@@ -95,6 +118,9 @@ class Metrics:
         self.last_tokens_per_s = 0.0
         self.masked_tokens = 0  # tokens sampled under a grammar's mask (constrained decoding)
         self.mask_seconds = 0.0  # model-thread seconds computing those masks
+        self.prefix_queried_tokens = 0  # tokens of the sequences prefilled (looked up in the prefix cache)
+        self.prefix_hit_tokens = 0  # of which found in cached pages (not prefilled again)
+        self.preemptions = 0
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft_count += 1
@@ -105,21 +131,32 @@ class Metrics:
 
 
 class Scheduler:
-    """Continuous batching over `generator` with `max_batch` slots of `max_context` positions.
+    """Continuous batching over `generator` with `max_batch` slots of up to `max_context` positions each,
+    and a pool of `num_pages` pages of `page_size` positions (default: enough for every slot to reach
+    `max_context`; fewer pages is less memory, and admission then waits or preempts, see the module
+    docstring). `prefix_cache` turns automatic prefix caching on.
 
     The generator is used through `cfg`, `dtype`, `mesh`, `layout`, `batch_shards`,
-    `steps_per_call`, `prefill_prompts`, `insert` and `decode` alone, so a stand-in with those
+    `steps_per_call`, `pool_shardings`, `prefill_paged` and `decode` alone, so a stand-in with those
     (tests/serve_util.py rewrites the replies to scripted prompts) is scheduled like the real one.
     `grammars` (the tokenizer's, text/grammar.py) runs requests with a `Constraint`.
     """
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_context: int = 4096, max_queue: int = 256,
                  max_prefill: int = 8, steps_per_call: int | None = None,
-                 lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, grammars: Grammars | None = None):
+                 lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, page_size: int = PAGE_SIZE,
+                 num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
         self.max_context = min(max_context, generator.cfg.max_position_embeddings)
+        self.page_size, self.pages_per_seq = page_size, pages_for(self.max_context, page_size)
+        num_pages = num_pages or self.max_batch * self.pages_per_seq
+        if num_pages < self.pages_per_seq:
+            raise ValueError(f"{num_pages} KV pages cannot hold one sequence of max_context={self.max_context} "
+                             f"tokens ({self.pages_per_seq} pages of {page_size}); give at least that many pages "
+                             "(--kv-pages) or lower --max-context")
+        self.pages = PagePool(-(-num_pages // shards) * shards, page_size, prefix_cache)  # split like the batch
         self.max_queue, self.max_prefill = max_queue, max_prefill
         self.steps_per_call = steps_per_call or generator.steps_per_call
         self.metrics = Metrics()
@@ -230,6 +267,8 @@ class Scheduler:
                 self._free_cancelled()
                 self._admit()
                 if self.active:
+                    self._grow()  # may preempt
+                if self.active:
                     self._decode()
                 self.lockstep.finished(self._step, self.active)
                 self._step += 1
@@ -282,9 +321,13 @@ class Scheduler:
 
     def _reset(self) -> None:
         g, b = self.generator, self.max_batch
-        self._cache = init_cache(g.cfg, b, self.max_context, g.dtype)
-        if g.mesh is not None:  # the slot cache lives where decode wants it (batch split over `data`)
-            self._cache = jax.device_put(self._cache, g.layout.cache_shardings(g.cfg, b, self.max_context))
+        self._pool = init_pages(g.cfg, self.pages.num_pages, self.page_size, g.dtype)
+        if g.mesh is not None:  # the pool lives where decode wants it (pages split like the batch)
+            self._pool = jax.device_put(self._pool, g.pool_shardings(self._pool))
+        self._tables = np.full((b, self.pages_per_seq), -1, np.int32)  # each slot's page table (−1: none)
+        self._held: list[list[int]] = [[] for _ in range(b)]  # each slot's pages, in position order
+        self._admitted_at = [0] * b  # admission counter of each slot's job: the largest is the youngest
+        self._admissions = 0
         # Host copies (every slot starts free: done), but the [B, V] token counts stay on device.
         self._state = DecodeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
                                   np.ones(b, bool), jnp.zeros((b, g.cfg.padded_vocab_size), jnp.int32))
@@ -297,6 +340,16 @@ class Scheduler:
         self._mask_source = g.register_masks(self._constraints.step_masks) if self.grammars else None
 
     def _free(self, slot: int) -> None:
+        """Empty a slot: its row is done, its written full pages are registered for reuse (the prefix
+        cache) and its pages released."""
+        job = self._slots[slot]
+        if job is not None:
+            # Positions 0..written−1 are on the device: the last token made is only written by the
+            # next step (state.positions is the position it would take).
+            self.pages.register(_sequence(job), self._held[slot], int(self._state.positions[slot]))
+        self.pages.release(self._held[slot])
+        self._held[slot] = []
+        self._tables[slot] = -1
         self._slots[slot] = None
         self._state.done[slot] = True
         self._constraints.free(slot)
@@ -312,54 +365,115 @@ class Scheduler:
                 self._free(slot)
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free slots (several prefill batches if there is room)."""
+        """Prefill waiting jobs into free slots while their pages fit (several prefill batches if room)."""
         while True:
-            free = [i for i, j in enumerate(self._slots) if j is None]
-            jobs, prompts = [], set()
-            while self._waiting and len(jobs) < len(free) and (
-                    self._waiting[0].request.prompt in prompts or len(prompts) < self.max_prefill):
-                jobs.append(self._waiting.popleft())
-                prompts.add(jobs[-1].request.prompt)
-            jobs = self._constrain(jobs, free)
-            if not jobs:
+            picked = self._pick()
+            if not picked:
                 return
-            start = time.perf_counter()
-            allowed = self._constraints.masks(free[:len(jobs)])
-            logits, small, state, _, first_device = self.generator.prefill_prompts([j.request for j in jobs], allowed)
-            first = np.asarray(first_device)  # blocks: the first tokens are ready
-            logprobs = None
-            if any(j.request.logprobs for j in jobs):
-                logprobs = jax.tree.map(np.asarray, self.generator.first_logprobs(logits, first_device,
-                                                                                  TOP_LOGPROBS))
-            counts, state = state.counts, jax.tree.map(np.asarray, state._replace(counts=None))
-            for k, (job, slot) in enumerate(zip(jobs, free)):
-                self._cache = self.generator.insert(self._cache, small, k, slot)
-                for field, value in zip(self._state[:4], state[:4]):
-                    field[slot] = value[k]
-                self._state = self._state._replace(counts=_set_row(self._state.counts, counts, k, slot))
-                self._set_rows(slot, job.request)
-                self._slots[slot] = job
-                self.metrics.prompt_tokens += len(job.request.prompt)
-            self._rows_device = None
-            self.metrics.prefill_calls += 1
-            self.metrics.busy_seconds += time.perf_counter() - start
-            for k, (job, slot) in enumerate(zip(jobs, free)):
-                lp = [_token_logprob(logprobs, k)] if logprobs is not None and job.request.logprobs else None
-                self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [], lp)
+            self._prefill(picked)
 
-    def _constrain(self, jobs: list[Job], free: list[int]) -> list[Job]:
-        """Give each job's slot its constraint (jobs take the free slots in order); a job whose grammar
-        does not compile ends with an error instead of being admitted. Returns the jobs admitted."""
-        admitted = []
-        for job in jobs:
-            slot = free[len(admitted)]
-            try:
-                self._constraints.admit(slot, job.request.constraint, job.request.stop_ids)
+    def _pick(self) -> list[tuple[Job, int, list[int], int]]:
+        """Take waiting jobs, oldest first, for one prefill: (job, slot, pages, cached tokens) each. The
+        head of the queue waits (and so does everyone behind it) until its pages are available."""
+        free = [i for i, j in enumerate(self._slots) if j is None]
+        picked, distinct = [], set()
+        while self._waiting and len(picked) < len(free):
+            job = self._waiting[0]
+            seq = _sequence(job)
+            if seq not in distinct and len(distinct) >= self.max_prefill:
+                break
+            # A hit stops short of the last token: prefill computes at least one, for its logits.
+            hit = self.pages.match(seq, limit=(len(seq) - 1) // self.page_size)
+            need = pages_for(self._reach(job, len(seq)), self.page_size) - len(hit)
+            if need > self.pages.available - self.pages.cached_among(hit):
+                break
+            self._waiting.popleft()
+            try:  # a grammar that does not compile fails its job alone
+                self._constraints.admit(free[len(picked)], job.request.constraint, job.request.stop_ids, job.output)
             except GrammarError as e:
                 self._finish(job, f"error: the grammar does not compile: {e}")
                 continue
-            admitted.append(job)
-        return admitted
+            self.pages.acquire(hit)
+            pages = hit + self.pages.allocate(need)
+            picked.append((job, free[len(picked)], pages, len(hit) * self.page_size))
+            distinct.add(seq)
+        return picked
+
+    def _reach(self, job: Job, position: int) -> int:
+        """Positions a job's sequence may have written by the end of a decode call that starts at
+        `position`: one per step, but never past prompt + max new tokens."""
+        return min(position + self.steps_per_call, len(job.request.prompt) + job.request.max_new_tokens)
+
+    def _prefill(self, picked: list[tuple[Job, int, list[int], int]]) -> None:
+        """Prefill the picked jobs into their pages and slots, and hand out their first tokens."""
+        start = time.perf_counter()
+        jobs, slots = [p[0] for p in picked], [p[1] for p in picked]
+        width = self._table_width(max(len(p[2]) for p in picked))
+        tables = np.full((len(picked), width), -1, np.int32)
+        for k, (_, _, pages, _) in enumerate(picked):
+            tables[k, :len(pages)] = pages
+        logits, self._pool, counts, state, _, first_device = self.generator.prefill_paged(
+            self._pool, self._state.counts, [j.request for j in jobs], slots, tables, [p[3] for p in picked],
+            [j.output for j in jobs], self._constraints.masks(slots))
+        self._state = self._state._replace(counts=counts)
+        first = np.asarray(first_device)  # blocks: the first tokens are ready (and the pages written)
+        logprobs = None
+        if any(j.request.logprobs for j in jobs):
+            logprobs = jax.tree.map(np.asarray, self.generator.first_logprobs(logits, first_device, TOP_LOGPROBS))
+        for k, (job, slot, pages, cached) in enumerate(picked):
+            for field, value in zip(self._state[:4], state[:4]):
+                field[slot] = value[k]
+            self._set_rows(slot, job.request)
+            self._slots[slot], self._held[slot] = job, pages
+            self._tables[slot, :len(pages)] = pages
+            self._admissions += 1
+            self._admitted_at[slot] = self._admissions
+            seq = _sequence(job)
+            self.pages.register(seq, pages, len(seq))  # written now: reusable by the next prompt
+            m = self.metrics
+            m.prompt_tokens += 0 if job.output else len(job.request.prompt)  # a resumed job was counted
+            m.prefix_queried_tokens += len(seq)
+            m.prefix_hit_tokens += cached
+        self._rows_device = None
+        self.metrics.prefill_calls += 1
+        self.metrics.busy_seconds += time.perf_counter() - start
+        for k, (job, slot, _, _) in enumerate(picked):
+            lp = [_token_logprob(logprobs, k)] if logprobs is not None and job.request.logprobs else None
+            self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [], lp)
+
+    def _table_width(self, pages: int) -> int:
+        """Page-table columns for a call whose longest row holds `pages` pages: a power of two (few
+        programs) of at least MIN_TABLE_POSITIONS positions, so attention reads about as far as the
+        longest sequence might use and no further (at 128K context: 8 decode programs, not 2048 pages)."""
+        return min(batch_bucket(max(pages, MIN_TABLE_POSITIONS // self.page_size, 1)), self.pages_per_seq)
+
+    def _grow(self) -> None:
+        """Give each running sequence, oldest first, the pages its next decode call may write;
+        when the pool is short, preempt the youngest running sequence (see the module docstring)."""
+        for slot in sorted((s for s, j in enumerate(self._slots) if j is not None), key=self._admitted_at.__getitem__):
+            job = self._slots[slot]
+            if job is None:  # preempted while an older one grew
+                continue
+            need = pages_for(self._reach(job, int(self._state.positions[slot])), self.page_size) - len(self._held[slot])
+            while need > self.pages.available:
+                youngest = max((s for s, j in enumerate(self._slots) if j is not None),
+                               key=self._admitted_at.__getitem__)
+                self._preempt(youngest)
+                if youngest == slot:
+                    break
+            if self._slots[slot] is not None and need > 0:
+                pages = self.pages.allocate(need)
+                self._tables[slot, len(self._held[slot]):len(self._held[slot]) + need] = pages
+                self._held[slot] += pages
+
+    def _preempt(self, slot: int) -> None:
+        """Stop a running sequence to free its pages; it waits at the front of the queue and is
+        recomputed (its prompt and the tokens it made, mostly from the prefix cache) when admitted."""
+        job = self._slots[slot]
+        self._free(slot)
+        job.preemptions += 1
+        self.metrics.preemptions += 1
+        self._waiting.appendleft(job)
 
     def _set_rows(self, slot: int, request: Request) -> None:
         r, s = self._rows, request.sampling
@@ -380,10 +494,13 @@ class Scheduler:
         active = self.active
         jobs = [j.request for j in self._slots if j is not None]
         wants = any(r.logprobs for r in jobs)
-        masks = self._mask_source if self._constraints.active else None  # each step asks for its masks
-        self._cache, state, out, logprobs = self.generator.decode(
-            self._cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
-            adjusts(jobs), masks)
+        # The table is cut to the longest sequence's pages (bucketed): attention reads no further.
+        width = self._table_width(max(len(h) for h in self._held))
+        cache = with_table(self._pool, self._tables[:, :width])
+        cache, state, out, logprobs = self.generator.decode(
+            cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
+            adjusts(jobs), self._mask_source if self._constraints.active else None)  # masks: asked for every step
+        self._pool = with_table(cache, None)  # one pool shape between calls: prefill compiles once
         out = np.asarray(out)  # (steps, B); blocks on the call
         logprobs = None if logprobs is None else jax.tree.map(np.asarray, logprobs)
         # writable host copies, but the token counts stay on device
@@ -418,6 +535,7 @@ class Scheduler:
             job.first_token_at = time.perf_counter()
             self.metrics.observe_ttft(job.first_token_at - job.submitted)
         job.generated += len(tokens)
+        job.output += tokens
         self.metrics.generation_tokens += len(tokens)
         if done:
             last, failure = tokens[-1] if tokens else None, self._constraints.failure(slot)
@@ -436,6 +554,11 @@ class Scheduler:
             self._jobs.pop(job.id, None)
         self.metrics.requests[reason.split(":")[0]] += 1
         job.sink(list(tokens), reason, logprobs)
+
+
+def _sequence(job: Job) -> tuple[int, ...]:
+    """A job's tokens so far: its prompt and what it has generated (a resumed job is prefilled from these)."""
+    return job.request.prompt + tuple(job.output)
 
 
 def _discard(tokens, reason, logprobs=None) -> None:

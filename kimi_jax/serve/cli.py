@@ -20,7 +20,7 @@ import uvicorn
 from kimi_jax.runtime import distributed, flags, lockstep
 from kimi_jax.runtime.default_model import load_checkpoint_or_default
 from kimi_jax.runtime.engine import DTYPES
-from kimi_jax.runtime.scheduler import Scheduler
+from kimi_jax.runtime.scheduler import PAGE_SIZE, Scheduler
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import MAX_BODY_BYTES, Server
 from kimi_jax.text.grammar import Grammars
@@ -65,6 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="waiting requests before answering 429 (default 256)")
     p.add_argument("--max-prefill", type=flags.integer(1), default=4, metavar="N",
                    help="requests prefilled together when several wait (default 4)")
+    p.add_argument("--page-size", type=flags.integer(1), default=PAGE_SIZE, metavar="N",
+                   help=f"KV-cache positions per page: the unit of allocation and of prefix sharing "
+                        f"(default {PAGE_SIZE})")
+    p.add_argument("--kv-pages", type=flags.integer(1), default=None, metavar="N",
+                   help="KV-cache pages in the pool (its memory); requests wait for pages, and the youngest "
+                        "running one is preempted and recomputed when they run out (default: enough for every "
+                        "slot to reach --max-context)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the cached pages of a prompt prefix seen before (automatic prefix caching "
+                        "is on by default)")
     p.add_argument("--steps-per-call", type=flags.integer(1), default=None, metavar="K",
                    help="decode steps per compiled call (default: the generator's)")
     distributed.add_arguments(p)
@@ -92,12 +102,13 @@ def load_model(args: argparse.Namespace):
                                       rules=args.rules if args.mesh else None)
 
 
-def make_scheduler(args: argparse.Namespace, generator, tokenizer, lockstep_=None) -> Scheduler:
-    """The scheduler every process builds alike (the same slots, context and batching, and the same
-    grammars: every process matches constrained replies itself)."""
+def make_scheduler(args: argparse.Namespace, generator, tokenizer=None, lockstep_=None) -> Scheduler:
+    """The scheduler every process builds alike (the same slots, context, pages and batching, and the
+    same grammars: every process keeps the same constrained-decoding state)."""
     grammars = Grammars(tokenizer, generator.cfg.padded_vocab_size) if tokenizer is not None else None
     return Scheduler(generator, max_batch=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
                      max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_,
+                     page_size=args.page_size, num_pages=args.kv_pages, prefix_cache=args.prefix_cache,
                      grammars=grammars)
 
 

@@ -45,6 +45,23 @@ def prometheus_text(scheduler) -> str:
     buckets.append(('_bucket{le="+Inf"}', m.ttft_count))
     metric("time_to_first_token_seconds", "histogram", "Seconds from submission to the first token.",
            buckets + [("_sum", round(m.ttft_sum, 6)), ("_count", m.ttft_count)])
+    pages = s.pages
+    metric("kv_pages_used", "gauge", "KV-cache pages held by running sequences.", [("", pages.used)])
+    metric("kv_pages_free", "gauge", "KV-cache pages free or holding an unheld cached prefix (evictable).",
+           [("", pages.available)])
+    metric("kv_pages_cached", "gauge", "Of the free pages, those keeping a prefix for reuse.", [("", pages.cached)])
+    metric("kv_pages", "gauge", "KV-cache pages in the pool.", [("", pages.num_pages)])
+    metric("prefix_cache_queried_tokens_total", "counter", "Tokens of the sequences prefilled, looked up in the "
+           "prefix cache.", [("", m.prefix_queried_tokens)])
+    metric("prefix_cache_hit_tokens_total", "counter", "Of those, tokens found in cached pages (not prefilled again).",
+           [("", m.prefix_hit_tokens)])
+    hit_rate = m.prefix_hit_tokens / m.prefix_queried_tokens if m.prefix_queried_tokens else 0.0
+    metric("prefix_cache_hit_rate", "gauge", "prefix_cache_hit_tokens_total ÷ prefix_cache_queried_tokens_total.",
+           [("", round(hit_rate, 6))])
+    metric("prefix_cache_evictions_total", "counter", "Cached prefix pages evicted to make room.",
+           [("", pages.evictions)])
+    metric("preemptions_total", "counter", "Running sequences preempted for lack of pages (and recomputed later).",
+           [("", m.preemptions)])
     followers = s.lockstep.processes()
     if followers:  # a multi-host server: what each other process last reported (runtime/lockstep.py)
         metric("processes", "gauge", "Processes running the model (this one serves HTTP).",

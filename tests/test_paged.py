@@ -1,0 +1,242 @@
+"""The paged latent cache: decode through page tables equals the contiguous cache (fp32 logits, one
+device and a mesh), prefill from a prefix hit equals a full prefill, and the scheduler over a pool of
+pages (exhaustion, preemption, prefix caching, cancellation) gives every request its reply alone."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax.model.paged import init_pages, with_table
+from kimi_jax.runtime import generation
+from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.sampling import SamplingParams
+from kimi_jax.runtime.scheduler import Scheduler
+from kimi_jax.serve.metrics import prometheus_text
+
+pytestmark = pytest.mark.generation
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [42, 7, 99]]
+NEW = 8
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    from kimi_jax.runtime.default_model import load_default
+
+    return load_default()  # float32
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+def _scrambled_tables(rows: int, width: int, num_pages: int) -> np.ndarray:
+    """Each row's pages out of order and interleaved with the others' (page ids reversed, strided)."""
+    ids = np.arange(num_pages)[::-1][:rows * width]
+    return ids.reshape(width, rows).T.astype(np.int32)  # (rows, width)
+
+
+def _paged_equals_contiguous(m, contiguous_gen=None):
+    """Greedy-decode PROMPTS through page tables and through the contiguous cache of `contiguous_gen`
+    (default m's own); assert the fp32 logits agree at prefill and at every step."""
+    cfg, gen = m.config, m.generator
+    ref = contiguous_gen or gen
+    requests = generation.make_requests(cfg, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
+    last, cache, *_ = ref.prefill(requests)
+    b, width, num_pages = 4, 8, 32  # batch bucket of 3 prompts; 8 pages of 4 = 32 positions per row
+    tables = _scrambled_tables(len(PROMPTS), width, num_pages)
+    pool = init_pages(cfg, num_pages, PAGE, m.dtype)
+    if gen.mesh is not None:
+        pool = jax.device_put(pool, gen.pool_shardings(pool))
+    counts = jnp.zeros((b, cfg.padded_vocab_size), jnp.int32)
+    paged_last, pool, counts, state, _, first = gen.prefill_paged(pool, counts, requests, [0, 1, 2], tables,
+                                                                  [0, 0, 0], [[], [], []])
+    assert _rel(paged_last[:3], last[:3]) <= 1e-5
+    assert list(np.asarray(first)[:3]) == list(np.asarray(last[:3]).argmax(-1))
+    assert list(state.positions[:3]) == [len(p) for p in PROMPTS]  # where each first token goes
+    table = np.full((b, width), -1, np.int32)
+    table[:3] = tables
+    positions = np.array([len(p) for p in PROMPTS] + [-1], np.int32)
+    tokens = np.asarray(last).argmax(-1).astype(np.int32)
+    paged = with_table(pool, table)
+    for step in range(NEW):
+        logits, cache = ref.step_logits(ref.params, cache, tokens, positions)
+        paged_logits, paged = gen.step_logits(gen.params, paged, tokens, positions)
+        assert _rel(paged_logits[:3], logits[:3]) <= 1e-5, f"step {step}"
+        tokens = np.asarray(logits).argmax(-1).astype(np.int32)
+        positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
+
+
+def test_paged_decode_equals_contiguous_decode(model):
+    _paged_equals_contiguous(model)
+
+
+@pytest.mark.slow
+def test_paged_decode_equals_contiguous_decode_on_a_mesh(model):
+    """dp_attention splits the batch (and the pool's pages) over data × expert: 4 shards of 8 devices."""
+    from kimi_jax.runtime.default_model import load_default
+
+    sharded = load_default(mesh="data=2,expert=2,tensor=2", rules="dp_attention")
+    assert sharded.generator.batch_shards == 4
+    _paged_equals_contiguous(sharded, contiguous_gen=model.generator)
+
+
+def test_prefill_from_a_prefix_hit_equals_a_full_prefill(model):
+    """A prompt whose first pages are another's (a prefix-cache hit) is prefilled from the hit only,
+    attending to those pages, with the logits of a full prefill."""
+    cfg, gen = model.config, model.generator
+    base = PROMPTS[1]  # 14 tokens: 3 full pages of 4
+    longer = base + [30, 31, 32]
+    pool = init_pages(cfg, 16, PAGE, model.dtype)
+    counts = jnp.zeros((1, cfg.padded_vocab_size), jnp.int32)
+    first_pages = np.array([[9, 3, 12, 5, -1, -1]], np.int32)
+    request = generation.make_requests(cfg, [base], max_new_tokens=2, temperature=0)
+    _, pool, counts, *_ = gen.prefill_paged(pool, counts, request, [0], first_pages, [0], [[]])
+    shared = np.array([[9, 3, 12, 7, 1, -1]], np.int32)  # the 3 full pages, then its own
+    request = generation.make_requests(cfg, [longer], max_new_tokens=2, temperature=0)
+    hit_last, pool, *_ = gen.prefill_paged(pool, counts, request, [0], shared, [12], [[]])
+    full_last, *_ = gen.prefill(request)
+    assert gen.traces["prefill_paged"] >= 1
+    assert _rel(hit_last[0], full_last[0]) <= 1e-5
+    assert int(np.asarray(hit_last[0]).argmax()) == int(np.asarray(full_last[0]).argmax())
+
+
+# The scheduler over pages ------------------------------------------------------------------------
+def _collect():
+    out = {"tokens": [], "reason": None, "done": threading.Event()}
+
+    def sink(tokens, reason, logprobs=None):
+        out["tokens"] += tokens
+        if reason is not None:
+            out["reason"] = reason
+            out["done"].set()
+
+    return out, sink
+
+
+def _request(model, prompt, max_new):
+    return Request(tuple(prompt), max_new, SamplingParams(0.0), tuple(model.stop_ids))
+
+
+def _serve(model, prompts, max_new, generator=None, **kwargs):
+    """Run prompts through a fresh scheduler (submitted together); returns (their tokens, the scheduler)."""
+    sched = Scheduler(generator or model.generator, **kwargs).start()
+    outs = []
+    for p in prompts:
+        out, sink = _collect()
+        sched.submit(_request(model, p, max_new), sink)
+        outs.append(out)
+    for out in outs:
+        assert out["done"].wait(300)
+    sched.stop()
+    return [o["tokens"] for o in outs], sched
+
+
+LONG = [[1, 5, 9, 13] * 5, [1, 7, 7], [1, 5, 9, 13] * 5 + [2, 3], [1, 2], [3, 1, 4, 1, 5, 9, 2, 6]]
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each of LONG's greedy reply alone (Model.generate: the contiguous cache)."""
+    return [model.generate([p], max_new_tokens=20, temperature=0)[0] for p in LONG]
+
+
+def test_page_exhaustion_preempts_and_loses_no_request(model, alone):
+    """A pool of one sequence's pages for 4 slots: admission waits, the youngest is preempted and
+    recomputed, and every reply equals its reply alone; at the end no page is held."""
+    got, sched = _serve(model, LONG, 20, max_batch=4, max_context=64, page_size=8, num_pages=8)
+    assert got == alone
+    assert sched.metrics.preemptions > 0
+    assert sched.pages.used == 0 and sched.pages.available == 8
+    with pytest.raises(ValueError, match="KV pages cannot hold one sequence"):
+        Scheduler(model.generator, max_batch=2, max_context=64, page_size=8, num_pages=7)
+
+
+def test_prefix_cache_keeps_replies_and_counts_hits(model, alone):
+    off, sched_off = _serve(model, LONG, 20, max_batch=4, max_context=64, page_size=8, num_pages=8,
+                            prefix_cache=False)
+    assert off == alone and sched_off.metrics.prefix_hit_tokens == 0
+    # One at a time, so each prompt finds the pages the ones before it left.
+    sched = Scheduler(model.generator, max_batch=4, max_context=64, page_size=8).start()
+    for p, want in zip(LONG + LONG[:1], alone + alone[:1]):
+        out, sink = _collect()
+        sched.submit(_request(model, p, 20), sink)
+        assert out["done"].wait(300) and out["tokens"] == want
+    sched.stop()
+    m = sched.metrics
+    # LONG[2] reuses the 2 full pages of LONG[0]'s 20-token prompt (its third page holds LONG[0]'s reply),
+    # and so does LONG[0] again.
+    assert m.prefix_hit_tokens == 16 + 16
+    assert m.prefix_queried_tokens == sum(map(len, LONG)) + len(LONG[0])
+    exported = dict(line.rsplit(" ", 1) for line in prometheus_text(sched).splitlines() if not line.startswith("#"))
+    assert float(exported["kimi_jax_prefix_cache_hit_tokens_total"]) == 32
+    assert float(exported["kimi_jax_prefix_cache_hit_rate"]) == pytest.approx(32 / m.prefix_queried_tokens, abs=1e-6)
+    assert float(exported["kimi_jax_kv_pages_used"]) == 0 and float(exported["kimi_jax_preemptions_total"]) == 0
+    assert float(exported["kimi_jax_kv_pages_free"]) == sched.pages.num_pages == 32
+
+
+def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
+    from kimi_jax.serve.cli import make_scheduler, parse_args
+
+    sched = make_scheduler(parse_args(["--max-batch", "2", "--max-context", "100", "--page-size", "16",
+                                       "--kv-pages", "9", "--no-prefix-cache"]), model.generator)
+    assert (sched.page_size, sched.pages_per_seq, sched.pages.num_pages) == (16, 7, 9)
+    assert not sched.pages.prefix_cache
+    assert make_scheduler(parse_args([]), model.generator).pages.prefix_cache  # on by default
+
+
+def test_prefix_cache_evicts_under_pressure(model, alone):
+    """A pool barely larger than one sequence: cached pages are evicted for new ones, and the replies stay."""
+    got, sched = _serve(model, LONG + LONG, 20, max_batch=2, max_context=64, page_size=8, num_pages=9)
+    assert got == alone + alone
+    assert sched.pages.evictions > 0
+
+
+class _CancelDuringPrefill:
+    """The real generator, but the first prefill cancels `victim` while it runs (a client gone mid-prefill)."""
+
+    def __init__(self, generator):
+        self.generator, self.scheduler, self.victim = generator, None, None
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+    def prefill_paged(self, *args):
+        if self.victim is not None:
+            self.scheduler.cancel(self.victim)
+            self.victim = None
+        return self.generator.prefill_paged(*args)
+
+
+def test_cancelled_requests_leave_no_page_to_reuse_wrongly(model, alone):
+    """A request cancelled during its prefill, and one cancelled after some decode steps: the pages they
+    leave are reused by later requests, whose replies are still their replies alone."""
+    gen = _CancelDuringPrefill(model.generator)
+    sched = Scheduler(gen, max_batch=4, max_context=64, page_size=8).start()
+    gen.scheduler = sched
+    first, sink = _collect()
+    gen.victim = sched.submit(_request(model, LONG[0], 20), sink)
+    assert first["done"].wait(300) and first["reason"] == "cancelled" and first["tokens"] == []
+    again, sink = _collect()
+    sched.submit(_request(model, LONG[0], 20), sink)
+    assert again["done"].wait(300) and again["tokens"] == alone[0]
+    # Cancelled mid-decode: the pages it wrote are registered with the tokens it had made, no more.
+    long_out, sink = _collect()
+    job = sched.submit(Request(tuple(LONG[4]), 40, SamplingParams(0.0), ()), sink)
+    while len(long_out["tokens"]) < 5:
+        assert not long_out["done"].is_set()
+        long_out["done"].wait(0.01)
+    sched.cancel(job)
+    assert long_out["done"].wait(60) and long_out["reason"] == "cancelled"
+    follow = LONG[4] + job.output[:12]  # into the pages the cancelled one wrote
+    out, sink = _collect()
+    sched.submit(_request(model, follow, 10), sink)
+    assert out["done"].wait(300)
+    sched.stop()
+    assert out["tokens"] == model.generate([follow], max_new_tokens=10, temperature=0)[0]
+    assert sched.metrics.prefix_hit_tokens >= 16 + 16
+    assert sched.pages.used == 0
