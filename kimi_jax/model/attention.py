@@ -60,34 +60,6 @@ def write_cache(cache: LatentCache, latent: jax.Array, k_rope: jax.Array, positi
                        cache.k_rope.at[index].set(k_rope.astype(cache.k_rope.dtype), mode="drop"))
 
 
-def write_rows(cache: LatentCache, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
-               layer: jax.Array | None = None) -> LatentCache:
-    """`write_cache` one token at a time, each an in-place dynamic_update_slice of one row.
-
-    For decode steps (a few tokens per sequence): the TPU compiler counts a scatter into the cache that
-    the step also reads as touching much of the cache (443 MB a layer for Kimi-K2 at batch 64 on
-    v5p-64), and a slice update as the row it writes.
-    """
-    b, t = positions.shape
-    s = cache.latent.shape[-2]
-    lead = () if layer is None else (layer,)
-
-    def one(i, leaves):
-        row, col = i // t, i % t
-        pos = positions[row, col]
-        keep = (pos < 0) | (pos >= s)  # padding: write the row back unchanged
-        start = (*lead, row, jnp.clip(pos, 0, s - 1), 0)
-        out = []
-        for leaf, new in zip(leaves, (latent, k_rope)):
-            size = (1,) * (leaf.ndim - 1) + (leaf.shape[-1],)
-            old = jax.lax.dynamic_slice(leaf, start, size)
-            new = new[row, col].astype(leaf.dtype).reshape(size)
-            out.append(jax.lax.dynamic_update_slice(leaf, jnp.where(keep, old, new), start))
-        return LatentCache(*out)
-
-    return jax.lax.fori_loop(0, b * t, one, cache)
-
-
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     """[B, T, S] causal mask: key visible if 0 ≤ k_pos ≤ q_pos (a negative position is padding)."""
     return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0) & (q_pos[:, :, None] >= 0)
@@ -139,7 +111,7 @@ class MLA(nn.Module):
             new = LatentCache(*(a.astype(c.dtype).astype(x.dtype) for a, c in zip((latent, k_rope), cache)))
             segments = [(cache, attention_mask(positions, slots) & ~rewritten[:, None, :], layer),
                         (new, attention_mask(positions, positions), None)]
-            cache = self._write(cache, latent, k_rope, positions, layer)
+            cache = write_cache(cache, latent, k_rope, positions, layer)
         else:  # prefill: write, then attend to the cache (one segment: no key is scored twice)
             cache = write_cache(cache, latent, k_rope, positions, layer)
             mine = cache.layer(layer)
@@ -156,16 +128,6 @@ class MLA(nn.Module):
         o = self.layout.constrain(o, ("batch", "seq", "heads", None))  # o_proj then sums over heads
         out = self.backend.linear(o.reshape(b, t, h * vd), p["o_proj"])
         return out, cache
-
-    def _write(self, cache: LatentCache, latent, k_rope, positions, layer) -> LatentCache:
-        """`write_rows` on each device's sequences (a slice update at a row of a split batch would
-        otherwise be partitioned by gathering the cache)."""
-        cache_axes = ("batch", "cache_seq", None) if layer is None else ("layers", "batch", "cache_seq", None)
-        tokens = ("batch", "seq", None)
-        args = [*cache, latent, k_rope, positions] + ([] if layer is None else [layer])
-        axes = [cache_axes, cache_axes, tokens, tokens, ("batch", "seq")] + ([] if layer is None else [()])
-        write = lambda c_lat, c_rope, *rest: write_rows(LatentCache(c_lat, c_rope), *rest)
-        return self.layout.local(write, axes, [cache_axes] * 2)(*args)
 
     def _attend(self, q_lat, q_rope, keys: LatentCache, mask, layer) -> Partial:
         """The backend's latent attention over one segment (layer `layer` of a stacked cache, or one
