@@ -36,7 +36,8 @@ def test_kernel_matches_reference(keys, stacked):
     np.testing.assert_allclose(np.asarray(got.top), np.asarray(want.top), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(got.total), np.asarray(want.total), rtol=1e-3)
     np.testing.assert_allclose(np.asarray(got.acc), np.asarray(want.acc), rtol=2e-2, atol=2e-2)
-    merged = [reference.combine([p, reference.attend(*_inputs(16, False, seed=1)[:5], scale=0.125)]) for p in (got, want)]
+    own_keys = reference.attend(*args[:2], *_inputs(16, False, seed=1)[2:5], scale=0.125)  # a second segment
+    merged = [reference.combine([p, own_keys]) for p in (got, want)]
     np.testing.assert_allclose(np.asarray(merged[0]), np.asarray(merged[1]), rtol=2e-2, atol=2e-2)
 
 

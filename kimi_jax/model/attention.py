@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from kimi_jax.config import Config
 from kimi_jax.model.backend import REFERENCE, Backend
-from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.latent_attention import NEG_INF, Partial, combine
+from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.quant import FP8_KIND, QArray, dequantize, fp8_values
 from kimi_jax.model.weights import attention_specs, declare
