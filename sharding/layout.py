@@ -130,6 +130,36 @@ class MeshLayout(Layout):
 
         return run
 
+    def local(self, fn: Callable, in_axes: Sequence[Sequence[str | None]],
+              out_axes: Sequence[Sequence[str | None]]) -> Callable:
+        """`fn` in shard_map, each argument and result split by its logical axes (a dimension that does
+        not split evenly is left whole, as in `constrain`); see `Layout.local`."""
+        mesh = self.mesh
+
+        def fit(shape, axes, what):
+            spec = list(self.rules.spec(axes, what))
+            return P(*(None if e is None or n % _size(mesh, e) else e for n, e in zip(shape, spec)))
+
+        def split_axes(specs):
+            return {a for s in specs for e in s if e is not None for a in ((e,) if isinstance(e, str) else e)}
+
+        def run(*args):
+            in_specs = tuple(fit(a.shape, ax, f"argument {i} of {fn}") for i, (a, ax) in enumerate(zip(args, in_axes)))
+            results, tree = jax.tree.flatten(jax.eval_shape(fn, *args))
+            if len(results) != len(out_axes):
+                raise ValueError(f"layout.local: {fn} returns {len(results)} arrays, out_axes names {len(out_axes)}")
+            out_specs = [fit(r.shape, ax, f"result {i} of {fn}") for i, (r, ax) in enumerate(zip(results, out_axes))]
+            reduced = split_axes(in_specs) - split_axes(out_specs)
+            if reduced:  # each device would return a partial result that shard_map takes as the whole
+                raise ValueError(f"layout.local: {fn} takes arguments split along mesh axes {sorted(reduced)} "
+                                 f"that no result is split along (in {in_specs}, out {out_specs}); a per-device "
+                                 "kernel cannot reduce over a split axis: map those logical axes to no mesh axis")
+            # check_vma off: a Pallas call's results are not typed as varying over the mesh axes.
+            return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=tree.unflatten(out_specs),
+                                 check_vma=False)(*args)
+
+        return run
+
     # Shardings for the engine and the planner ------------------------------------------------------
     def param_shardings(self, cfg: Config) -> dict[str, Any]:
         return param_shardings(cfg, self.mesh, self.rules)

@@ -9,7 +9,9 @@ and is tested against it:
   * `ragged` — routed experts with `jax.lax.ragged_dot`, each expert dequantized once per layer;
   * `scaled` — block-fp8 dense products that apply the block scales to the activations, so the fp8
     weight is read once and never dequantized into a copy (GPU, TPU);
-  * `streamed` — few-row dense products that convert the weight slice by slice (one CPU device).
+  * `streamed` — few-row dense products that convert the weight slice by slice (one CPU device);
+  * `latent_attention` — absorbed decode attention in one pass over the latent cache, a Pallas
+    kernel (TPU).
 
 `choose(platform, devices)` is the policy: it is called once, where a model is loaded (for the
 devices it is placed on) or a program is planned (for the target it compiles for), and the
@@ -25,7 +27,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from kimi_jax.kernels import scaled, streamed
+from kimi_jax.kernels import latent_attention, scaled, streamed
 from kimi_jax.kernels.grouped import GROUPED
 from kimi_jax.kernels.indexed import indexed_experts
 from kimi_jax.kernels.ragged import RAGGED
@@ -49,6 +51,8 @@ def choose(platform: str, devices: int = 1, experts: str | None = None) -> Backe
     * dense products: GPU/TPU use `scaled` (they fuse an fp8 convert into a dot but not the block
       scales); CPU streams the weights on a single device, and on a CPU mesh (where a sliced product
       would gather a sharded weight) uses the plain product.
+    * latent attention: the Pallas kernel on TPU (XLA reads the latent cache twice, once to score and
+      once to weight); the reference elsewhere (the kernel is written for Mosaic, TPU's compiler).
     """
     if platform not in PLATFORMS:
         raise ValueError(f"unknown platform {platform!r}; kimi_jax runs on {', '.join(PLATFORMS)}")
@@ -61,7 +65,8 @@ def choose(platform: str, devices: int = 1, experts: str | None = None) -> Backe
         return Backend(platform, storage, streamed.linear, streamed.logits, kernel)
     if cpu:
         return Backend(platform, storage, REFERENCE.linear, REFERENCE.logits, kernel)
-    return Backend(platform, storage, scaled.linear, REFERENCE.logits, kernel)
+    attention = latent_attention.attend if platform == "tpu" else REFERENCE.latent_attention
+    return Backend(platform, storage, scaled.linear, REFERENCE.logits, kernel, attention)
 
 
 def for_devices(devices: Sequence[jax.Device] | None = None, experts: str | None = None) -> Backend:

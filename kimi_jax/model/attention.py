@@ -9,7 +9,9 @@ Per layer and token the cache holds only c_kv (kv_lora_rank) and roped k_r (qk_r
 Two equivalent ways to attend to it:
   * expanded: build k_nope and v for every cached token (cheap per query when queries are many);
   * absorbed: fold W_kvb's key part into the query (q_nope W_uk -> latent space) and apply its value
-    part after attention, so per-head K/V are never built (decode: one query, many keys).
+    part after attention, so per-head K/V are never built (decode: one query, many keys). Each
+    segment of keys (the cache, this call's keys) yields partial softmax statistics from the
+    backend's `latent_attention` (reference in latent_attention.py), merged by `combine`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ import jax.numpy as jnp
 
 from kimi_jax.config import Config
 from kimi_jax.model.backend import REFERENCE, Backend
+from kimi_jax.model.latent_attention import NEG_INF, Partial, combine
 from kimi_jax.model.layers import apply_rope, rms_norm, rope_angles, softmax_scale
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.quant import FP8_KIND, QArray, dequantize, fp8_values
 from kimi_jax.model.weights import attention_specs, declare
-
-NEG_INF = -1e30  # finite, so a fully masked row (a padded query) stays NaN-free
 
 
 class LatentCache(NamedTuple):
@@ -45,6 +46,11 @@ class LatentCache(NamedTuple):
     def layer(self, layer: jax.Array | None) -> LatentCache:
         """Layer `layer`'s cache [B, S, width] (the cache itself when `layer` is None)."""
         return self if layer is None else LatentCache(self.latent[layer], self.k_rope[layer])
+
+    def keys(self, layer: jax.Array | None) -> tuple[LatentCache, jax.Array | None]:
+        """What decode attention reads for layer `layer`: the stack itself with the layer index (the
+        backend's latent attention reads that row in place), or one layer's cache and None."""
+        return self, layer
 
     def write(self, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
               layer: jax.Array | None = None) -> LatentCache:
@@ -69,15 +75,6 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0) & (q_pos[:, :, None] >= 0)
 
 
-def _softmax(scores: list[jax.Array], masks: list[jax.Array]) -> list[jax.Array]:
-    """Softmax over the keys of all segments at once: scores [B, H, T, S_i], masks [B, T, S_i]."""
-    scores = [jnp.where(m[:, None], s, NEG_INF) for s, m in zip(scores, masks)]
-    if len(scores) == 1:  # prefill and cache-less calls: XLA's own softmax, as before decode had two
-        return [jax.nn.softmax(scores[0], axis=-1)]
-    top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
-    exp = [jnp.exp(s - top) for s in scores]
-    total = sum(e.sum(-1, keepdims=True) for e in exp)
-    return [e / total for e in exp]
 
 
 class MLA(nn.Module):
@@ -113,33 +110,49 @@ class MLA(nn.Module):
         k_rope = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin)
 
         if cache is None:
-            segments = [(LatentCache(latent, k_rope), attention_mask(positions, positions))]
+            segments = [(LatentCache(latent, k_rope), attention_mask(positions, positions), None)]
         elif self.absorb:
-            # Decode: attend to the cache as it was before this call and to this call's keys apart, so
-            # that the step only writes the cache (the TPU compiler re-reads a row just written: 14 MB a
-            # layer for Kimi-K2 at batch 1). The new keys are rounded to the cache's dtype, as stored.
-            mine = cache.layer(layer)
-            cache = cache.write(latent, k_rope, positions, layer)
-            slots = jnp.broadcast_to(jnp.arange(mine.latent.shape[-2]), (b, mine.latent.shape[-2]))
+            # Decode: attend to the cache as it was before this call (a stacked cache's layer `layer`
+            # read in place, a paged one through its table) and to this call's keys apart, so that the
+            # step only writes the cache (the TPU compiler re-reads a row just written: 14 MB a layer
+            # for Kimi-K2 at batch 1). The new keys are rounded to the cache's dtype, as stored.
+            keys, at = cache.keys(layer)
+            s = keys.latent.shape[-2]
+            slots = jnp.broadcast_to(jnp.arange(s), (b, s))
             rewritten = (positions[:, :, None] == slots[:, None, :]).any(1)  # (B, S): slots this call writes
-            segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)),
-                         attention_mask(positions, slots) & ~rewritten[:, None, :]),
-                        (LatentCache(*(a.astype(c.dtype).astype(x.dtype) for a, c in zip((latent, k_rope), mine))),
-                         attention_mask(positions, positions))]
+            new = LatentCache(latent.astype(keys.latent.dtype).astype(x.dtype),
+                              k_rope.astype(keys.k_rope.dtype).astype(x.dtype))
+            segments = [(keys, attention_mask(positions, slots) & ~rewritten[:, None, :], at),
+                        (new, attention_mask(positions, positions), None)]
+            cache = cache.write(latent, k_rope, positions, layer)
         else:  # prefill: write, then attend to the cache (one segment: no key is scored twice)
             cache = cache.write(latent, k_rope, positions, layer)
             mine = cache.layer(layer)
             k_pos = jnp.broadcast_to(jnp.arange(mine.latent.shape[-2]), (b, mine.latent.shape[-2]))
-            segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)), attention_mask(positions, k_pos))]
+            segments = [(LatentCache(*(c.astype(x.dtype) for c in mine)), attention_mask(positions, k_pos), None)]
 
         heads = HeadWeights(p["kv_b_proj"], cfg, self.layout)
         if self.absorb:
-            o = _absorbed(q_nope, q_rope, segments, heads, softmax_scale(cfg))  # (B, T, H, v)
+            q_lat = heads.to_latent(q_nope)  # (B, T, H, kv_lora): q_nope·k_nope = (q_nope W_uk)·c_kv
+            o_lat = combine([self._attend(q_lat, q_rope, *segment) for segment in segments])  # (B, T, H, kv_lora)
+            o = heads.from_latent(o_lat.astype(x.dtype))  # (B, T, H, v): o = (p·c_kv) W_uvᵀ
         else:
-            o = _expanded(q_nope, q_rope, *segments[0], *heads.dequantized(x.dtype), softmax_scale(cfg))
+            o = _expanded(q_nope, q_rope, *segments[0][:2], *heads.dequantized(x.dtype), softmax_scale(cfg))
         o = self.layout.constrain(o, ("batch", "seq", "heads", None))  # o_proj then sums over heads
         out = self.backend.linear(o.reshape(b, t, h * vd), p["o_proj"])
         return out, cache
+
+    def _attend(self, q_lat, q_rope, keys: LatentCache, mask, layer) -> Partial:
+        """The backend's latent attention over one segment (layer `layer` of a stacked cache, or one
+        layer's keys when None), run on each device's heads and sequences."""
+        q_axes, cache_axes = ("batch", "seq", "heads", None), ("batch", "cache_seq", None)
+        args, axes = [q_lat, q_rope, keys.latent, keys.k_rope, mask], [q_axes, q_axes, cache_axes, cache_axes,
+                                                                       ("batch", "seq", "cache_seq")]
+        if layer is not None:
+            axes[2:4] = [("layers", *cache_axes)] * 2
+            args, axes = args + [layer], axes + [()]
+        attend = functools.partial(self.backend.latent_attention, scale=softmax_scale(self.cfg))
+        return self.layout.local(attend, axes, [q_axes, q_axes[:3], q_axes[:3]])(*args)
 
 
 def _expanded(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
@@ -148,7 +161,7 @@ def _expanded(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
     v = jnp.einsum("bsc,hvc->bshv", keys.latent, w_uv)
     scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32))
-    probs = _softmax([scores * scale], [mask])[0].astype(v.dtype)
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores * scale, NEG_INF), axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bshv->bthv", probs, v)
 
 
@@ -218,15 +231,3 @@ class HeadWeights(NamedTuple):
                        preferred_element_type=jnp.float32)
         return y.reshape(b, t, h, -1).astype(dtype)
 
-
-def _absorbed(q_nope, q_rope, segments: list[tuple[LatentCache, jax.Array]], w: HeadWeights, scale):
-    """Attend in the latent space: q_nope·k_nope = (q_nope W_uk)·c_kv, and o = (p·c_kv) W_uvᵀ, over the
-    keys of every (keys, mask) segment."""
-    q_lat = w.to_latent(q_nope)  # (B, T, H, kv_lora)
-    scores = [(jnp.einsum("bthc,bsc->bhts", q_lat, keys.latent, preferred_element_type=jnp.float32)
-               + jnp.einsum("bthr,bsr->bhts", q_rope, keys.k_rope, preferred_element_type=jnp.float32)) * scale
-              for keys, _ in segments]
-    probs = _softmax(scores, [m for _, m in segments])
-    o_lat = sum(jnp.einsum("bhts,bsc->bthc", p.astype(keys.latent.dtype), keys.latent)
-                for p, (keys, _) in zip(probs, segments))  # (B, T, H, kv_lora)
-    return w.from_latent(o_lat)

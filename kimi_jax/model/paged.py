@@ -52,6 +52,11 @@ class PagedCache(NamedTuple):
 
         return LatentCache(view(self.latent), view(self.k_rope))
 
+    def keys(self, layer: jax.Array | None) -> tuple[LatentCache, None]:
+        """What decode attention reads for layer `layer`: its rows gathered through the page table, as one
+        layer's cache (a kernel that reads the pages in place is not built)."""
+        return self.layer(layer), None
+
     def write(self, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
               layer: jax.Array | None = None) -> PagedCache:
         """Store new tokens latent [B, T, kv_lora], k_rope [B, T, rope] at `positions` [B, T] through the
