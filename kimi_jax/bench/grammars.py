@@ -16,6 +16,10 @@ import random
 import time
 from pathlib import Path
 
+import kimi_jax
+from kimi_jax.runtime.default_model import load_default
+from kimi_jax.text.grammar import json_grammar
+
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "kind", "tags", "address"],
           "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
                          "kind": {"enum": ["user", "admin", "guest"]},
@@ -30,8 +34,6 @@ KIMI_VOCAB, KIMI_PIECES = 163_840, 163_584
 def synthetic_vocab(pieces: int = KIMI_PIECES, seed: int = 0) -> list[bytes]:
     """`pieces` distinct byte strings: the 256 bytes, the embedded corpus's words (with and without a
     leading space), then random runs of 2-9 letters, digits and JSON punctuation."""
-    import kimi_jax
-
     rng = random.Random(seed)
     vocab = [bytes([i]) for i in range(256)]
     seen = set(vocab)
@@ -65,8 +67,6 @@ def _row(setup_s: float, compile_s: float, walk_start: float, tokens: int) -> di
 def llguidance_cost(pieces: list[bytes], n_vocab: int, eos: int, reply: list[int]) -> dict:
     import llguidance as llg
     import llguidance.numpy as lln
-
-    from kimi_jax.text.grammar import json_grammar
 
     class View:  # llguidance's TokenizerWrapper protocol
         eos_token_id, bos_token_id = eos, None
@@ -129,8 +129,6 @@ LIBRARIES = {"llguidance": llguidance_cost, "xgrammar": xgrammar_cost, "outlines
 
 def run(log=print) -> list[dict]:
     """Every library on the embedded tokenizer and on a Kimi-sized synthetic one -> rows."""
-    from kimi_jax.runtime.default_model import load_default
-
     tok = load_default().tokenizer
     small = [tok.token_bytes(i) if i not in tok.special_ids.values() else b"\xff" for i in range(tok.vocab_size)]
     big = synthetic_vocab()

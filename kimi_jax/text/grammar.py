@@ -6,11 +6,12 @@ bitmask: bit j of word w allows token 32·w + j. The engine applies the mask to 
 sampling (runtime/sampling.py `mask_logits`), so greedy and sampled decoding both stay inside the
 grammar, and it feeds every generated token back (`Matcher.advance`).
 
-Why llguidance (measured on this machine, README "Structured outputs"): it computes masks lazily
-per step from the grammar and the tokenizer's trie (≈ 0.1-0.4 ms a token on the embedded model,
-a JSON-Schema grammar compiled in ≈ 1-2 ms), needs neither torch nor a precomputed state × vocabulary
-table (outlines-core builds one per schema; xgrammar pulls in torch, triton and transformers), and
-takes Lark with special tokens by id, which Kimi's tool-call markers need.
+Why llguidance (measured on this machine, BENCHMARKS.md "Constrained decoding"): it computes each
+mask lazily from the grammar and the tokenizer's trie (≈ 0.6 ms a token at Kimi-K2's vocabulary size,
+0.05 ms on the embedded model's) and compiles a JSON Schema in a few milliseconds whatever the
+vocabulary; outlines-core builds a state × vocabulary index per schema (9 s at Kimi-K2's size),
+xgrammar pulls in torch, triton and transformers; and its Lark grammars name special tokens by id,
+which Kimi's tool-call markers need.
 
 What the grammars here produce:
   * `json_grammar(schema)`: one JSON value of the schema (any JSON object without one), written
