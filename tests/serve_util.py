@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +72,19 @@ def tool_call_with_client(client, model_name: str):
                 messages.append({"role": "tool", "tool_call_id": tool_call.id, "name": tool_call.function.name,
                                  "content": json.dumps(tool_result)})
     return rounds, choice
+
+
+def collect():
+    """A scheduler job's sink and what it gathers: {"tokens", "reason", "done" (an Event set at the finish)}."""
+    out = {"tokens": [], "reason": None, "done": threading.Event()}
+
+    def sink(tokens, reason, logprobs=None):
+        out["tokens"] += tokens
+        if reason is not None:
+            out["reason"] = reason
+            out["done"].set()
+
+    return out, sink
 
 
 def weather_script(tokenizer):

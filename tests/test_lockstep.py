@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from serve_util import collect as _collect
 
 from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.generation import Request
@@ -47,17 +48,6 @@ class MemoryStore:
     def key_value_delete(self, key):
         with self.cond:
             self.data.pop(key, None)
-
-
-def _collect():
-    out = {"tokens": [], "reason": None, "done": threading.Event()}
-
-    def sink(tokens, reason, logprobs=None):
-        out["tokens"] += tokens
-        if reason is not None:
-            out["reason"] = reason
-            out["done"].set()
-    return out, sink
 
 
 def _request(model, prompt, max_new, temperature=0.0, seed=0, stop=True, **sampling):

@@ -2,12 +2,12 @@
 device and a mesh), prefill from a prefix hit equals a full prefill, and the scheduler over a pool of
 pages (exhaustion, preemption, prefix caching, cancellation) gives every request its reply alone."""
 
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from serve_util import collect as _collect
 
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import generation
@@ -106,18 +106,6 @@ def test_prefill_from_a_prefix_hit_equals_a_full_prefill(model):
 
 
 # The scheduler over pages ------------------------------------------------------------------------
-def _collect():
-    out = {"tokens": [], "reason": None, "done": threading.Event()}
-
-    def sink(tokens, reason, logprobs=None):
-        out["tokens"] += tokens
-        if reason is not None:
-            out["reason"] = reason
-            out["done"].set()
-
-    return out, sink
-
-
 def _request(model, prompt, max_new):
     return Request(tuple(prompt), max_new, SamplingParams(0.0), tuple(model.stop_ids))
 
