@@ -23,9 +23,11 @@ $(TEST_STAMP): $(STAMP)
 run: $(STAMP)
 	$(PY) -m kimi_jax.generate $(ARGS)
 
-# The whole suite on CPU with 8 fake devices (set in tests/conftest.py); one tier: PYTEST_ARGS="-m parity".
+# The whole suite on CPU with 8 fake devices (set in tests/conftest.py), in PYTEST_WORKERS processes
+# (pytest-xdist; a test file stays in one); one tier: PYTEST_ARGS="-m parity"; serially: PYTEST_WORKERS=0.
+PYTEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # OpenAI/Anthropic-compatible server on 127.0.0.1:8000 (embedded default unless ARGS="--checkpoint PATH").
 serve: $(STAMP)

@@ -14,10 +14,17 @@ from kimi_jax.config import KIMI_K2, TINY_KIMI
 from kimi_jax.model.weights import abstract_params
 from kimi_jax.runtime.must_read import decode_must_read
 from kimi_jax.runtime.plan import plan, plan_layout, step_cost, step_program
-from kimi_jax.runtime.targets import TargetError, parse_target
+from kimi_jax.runtime.targets import TargetError, no_persistent_cache, parse_target
 
 pytestmark = pytest.mark.sharded
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@pytest.fixture(autouse=True)
+def _deviceless():
+    """Deviceless TPU programs stay out of the persistent compile cache (as `plan` keeps them)."""
+    with no_persistent_cache():
+        yield
 
 
 def test_targets_name_their_topology():

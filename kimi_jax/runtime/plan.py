@@ -28,6 +28,7 @@ ceiling it implies; prefill flops against the chip's peak.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -43,7 +44,7 @@ from kimi_jax.model.backend import Backend
 from kimi_jax.model.decoder import Transformer, init_cache
 from kimi_jax.model.weights import abstract_params, count_params, param_bytes
 from kimi_jax.runtime.must_read import decode_must_read
-from kimi_jax.runtime.targets import CHIPS, Target, parse_target, target_devices, topology_mesh
+from kimi_jax.runtime.targets import CHIPS, Target, no_persistent_cache, parse_target, target_devices, topology_mesh
 from sharding import AXES, MeshLayout, describe, parse_mesh_spec, per_device_param_bytes
 from sharding.rules import get_rules, shard_bytes
 
@@ -242,7 +243,8 @@ def plan(cfg: Config, mesh, batch: int, context: int, hardware: str | None = Non
 
     def compile_step(c: Config, absorb: bool, b: int, t: int, unroll: bool = False):
         fn, args = step_program(c, layout, absorb, b, t, context, backend, unroll=unroll)
-        compiled = fn.lower(*args).compile()
+        with no_persistent_cache() if tgt.platform == "tpu" else contextlib.nullcontext():
+            compiled = fn.lower(*args).compile()
         cache_bytes = sum(shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(args[3]))
         return compiled, cache_bytes
 

@@ -11,10 +11,11 @@ measured against.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 from jax.experimental import topologies
@@ -68,6 +69,19 @@ class Target:
     @property
     def platform(self) -> str:
         return "cpu" if self.topology is None else "tpu"
+
+
+@contextlib.contextmanager
+def no_persistent_cache() -> Iterator[None]:
+    """Compile without JAX's persistent compile cache (for deviceless TPU programs): a TPU executable
+    compiled with no TPU attached cannot be loaded back from it (JAX warns at every lookup), and the
+    cache is there for this host's own programs."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def known_targets() -> list[str]:
