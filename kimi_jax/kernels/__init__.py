@@ -53,6 +53,8 @@ def choose(platform: str, devices: int = 1, experts: str | None = None) -> Backe
       would gather a sharded weight) uses the plain product.
     * latent attention: the Pallas kernel on TPU (XLA reads the latent cache twice, once to score and
       once to weight); the reference elsewhere (the kernel is written for Mosaic, TPU's compiler).
+    * decode's cache write: before attention reads the cache, except on TPU, whose kernel reads
+      the cache as it was and the new keys apart (model/attention.py).
     """
     if platform not in PLATFORMS:
         raise ValueError(f"unknown platform {platform!r}; kimi_jax runs on {', '.join(PLATFORMS)}")
@@ -65,8 +67,9 @@ def choose(platform: str, devices: int = 1, experts: str | None = None) -> Backe
         return Backend(platform, storage, streamed.linear, streamed.logits, kernel)
     if cpu:
         return Backend(platform, storage, REFERENCE.linear, REFERENCE.logits, kernel)
-    attention = latent_attention.attend if platform == "tpu" else REFERENCE.latent_attention
-    return Backend(platform, storage, scaled.linear, REFERENCE.logits, kernel, attention)
+    tpu = platform == "tpu"
+    attention = latent_attention.attend if tpu else REFERENCE.latent_attention
+    return Backend(platform, storage, scaled.linear, REFERENCE.logits, kernel, attention, decode_writes_first=not tpu)
 
 
 def for_devices(devices: Sequence[jax.Device] | None = None, experts: str | None = None) -> Backend:

@@ -9,7 +9,8 @@ run on the platform the program is compiled for. The model asks four things of i
     (signature in `experts.py`);
   * `latent_attention(q_lat, q_rope, latent, k_rope, mask, layer, scale=)` — absorbed attention over
     one segment of cached keys, as partial softmax statistics (`latent_attention.py`);
-  * `fp8_storage` — the dtype fp8 values are held in on the device (checkpoint loaders use it).
+  * `fp8_storage` — the dtype fp8 values are held in on the device (checkpoint loaders use it);
+  * `decode_writes_first` — the order of decode's cache write and attention read.
 
 This module defines the interface and `REFERENCE`: the plain products and the simple expert loop,
 correct everywhere and what every fast path is tested against. The model knows no platform:
@@ -38,6 +39,9 @@ class Backend:
     logits: Callable = quant.logits  # (x [..., D], lm_head [V, D], dtype) -> float32 [..., V]
     experts: Callable = reference_experts  # routed experts, see experts.py
     latent_attention: Callable = latent_attention.attend  # one segment of keys -> Partial
+    # Decode writes the step's keys into the cache before attention reads it (one segment), rather
+    # than reading the cache as it was and the new keys apart (model/attention.py says why each).
+    decode_writes_first: bool = True
 
     def describe(self) -> str:
         """e.g. 'cpu: grouped experts, streamed dense products, fp8 held as uint8'."""
