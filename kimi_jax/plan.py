@@ -38,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sequences per prefill step (default: one per batch shard)")
     p.add_argument("--prefill-chunk", type=flags.integer(1),
                    help=f"tokens per sequence per prefill step (default: {PREFILL_TOKENS} per expert group)")
+    p.add_argument("--kv-cache-gib", type=flags.real(0, open_lo=True), metavar="G",
+                   help="a paged KV pool of G GiB per device (what `serve --kv-pages` allocates): counted instead "
+                        "of batch × context, and the sequences of --context tokens it holds are reported (default: "
+                        "with a chip, the pool its HBM leaves)")
+    p.add_argument("--page-size", type=flags.integer(1), default=64, metavar="N", help="positions per KV page (64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
 
@@ -52,7 +57,9 @@ def main(argv=None) -> int:
         # A TPU target is compiled without a TPU: JAX itself runs on one CPU device.
         use_cpu_devices(mesh_size(args.mesh) if target.platform == "cpu" else 1, cpu_target=target.platform == "cpu")
         result = plan(cfg, args.mesh, args.batch, args.context, args.hardware, args.rules, args.prefill_batch,
-                      args.prefill_chunk, target=args.target, cost=not args.no_cost)
+                      args.prefill_chunk, target=args.target, cost=not args.no_cost,
+                      kv_pool=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 1024 ** 3),
+                      page_size=args.page_size)
     except (MeshError, TargetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

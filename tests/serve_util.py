@@ -117,11 +117,13 @@ class ScriptedGenerator:
     def __getattr__(self, name):  # cfg, dtype, mesh, layout, batch_shards, steps_per_call
         return getattr(self.generator, name)
 
-    def prefill_paged(self, pool, counts, requests, slots, tables, starts, histories, allowed=None):
+    def prefill_paged(self, pool, counts, requests, slots, tables, starts, histories, allowed=None, ends=None):
         logits, pool, counts, state, rows, first = self.generator.prefill_paged(pool, counts, requests, slots, tables,
-                                                                                starts, histories, allowed)
+                                                                                starts, histories, allowed, ends)
         first, state = np.array(first), state._replace(done=np.array(state.done))
         for k, (request, slot, history) in enumerate(zip(requests, slots, histories)):
+            if ends is not None and ends[k] < len(request.prompt) + len(history):
+                continue  # a chunk of a longer prompt: its token is not taken
             tokens = self.script(request.prompt)
             tokens = None if tokens is None else list(tokens)[:request.max_new_tokens]  # bounded like a model
             if tokens:  # a resumed (preempted) row goes on from the tokens it was given

@@ -113,7 +113,8 @@ def test_leader_and_follower_take_the_same_page_decisions(model):
     """A pool of one sequence's pages for 4 slots: admission waits, sequences are preempted and prompts
     hit the prefix cache, identically on both processes (the follower decides from the events alone)."""
     store = MemoryStore()
-    lead, follower, thread = _pair(model, store, max_batch=4, max_context=64, page_size=8, num_pages=8)
+    lead, follower, thread = _pair(model, store, max_batch=4, max_context=64, page_size=8, num_pages=8,
+                                   prefill_chunk=5)  # prompts are prefilled in chunks, and preempted between them
     prompts = [[1, 5, 9, 13] * 5, [1, 7, 7], [1, 5, 9, 13] * 5 + [2, 3], [3, 1, 4, 1, 5, 9, 2, 6]]
     outs = []
     for p in prompts:

@@ -2,6 +2,7 @@
 device and a mesh), prefill from a prefix hit equals a full prefill, and the scheduler over a pool of
 pages (exhaustion, preemption, prefix caching, cancellation) gives every request its reply alone."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,16 @@ def test_paged_decode_equals_contiguous_decode(model):
     _paged_equals_contiguous(model)
 
 
+def test_decode_write_orders_agree(model):
+    """Paged decode writing each step's keys before attention reads them (CPU, GPU) equals contiguous
+    decode reading the cache as it was and the new keys apart (TPU's order)."""
+    gen = model.generator
+    assert gen.backend.decode_writes_first
+    read_first = generation.Generator(model.config, gen.params, gen.dtype,
+                                      dataclasses.replace(gen.backend, decode_writes_first=False))
+    _paged_equals_contiguous(model, contiguous_gen=read_first)
+
+
 @pytest.mark.slow
 def test_paged_decode_equals_contiguous_decode_on_a_mesh(model):
     """dp_attention splits the batch (and the pool's pages) over data × expert: 4 shards of 8 devices."""
@@ -133,10 +144,12 @@ def alone(model):
     return [model.generate([p], max_new_tokens=20, temperature=0)[0] for p in LONG]
 
 
-def test_page_exhaustion_preempts_and_loses_no_request(model, alone):
+@pytest.mark.parametrize("chunk", [512, 5])
+def test_page_exhaustion_preempts_and_loses_no_request(model, alone, chunk):
     """A pool of one sequence's pages for 4 slots: admission waits, the youngest is preempted and
-    recomputed, and every reply equals its reply alone; at the end no page is held."""
-    got, sched = _serve(model, LONG, 20, max_batch=4, max_context=64, page_size=8, num_pages=8)
+    recomputed (with chunk 5, prompts are also preempted between their chunks), and every reply
+    equals its reply alone; at the end no page is held."""
+    got, sched = _serve(model, LONG, 20, max_batch=4, max_context=64, page_size=8, num_pages=8, prefill_chunk=chunk)
     assert got == alone
     assert sched.metrics.preemptions > 0
     assert sched.pages.used == 0 and sched.pages.available == 8
@@ -200,11 +213,13 @@ class _CancelDuringPrefill:
         return self.generator.prefill_paged(*args)
 
 
-def test_cancelled_requests_leave_no_page_to_reuse_wrongly(model, alone):
-    """A request cancelled during its prefill, and one cancelled after some decode steps: the pages they
-    leave are reused by later requests, whose replies are still their replies alone."""
+@pytest.mark.parametrize("chunk", [512, 10])
+def test_cancelled_requests_leave_no_page_to_reuse_wrongly(model, alone, chunk):
+    """A request cancelled during its prefill (with chunk 10: after its first chunk, one full page in),
+    and one cancelled after some decode steps: the pages they leave are reused by later requests, whose
+    replies are still their replies alone."""
     gen = _CancelDuringPrefill(model.generator)
-    sched = Scheduler(gen, max_batch=4, max_context=64, page_size=8).start()
+    sched = Scheduler(gen, max_batch=4, max_context=64, page_size=8, prefill_chunk=chunk).start()
     gen.scheduler = sched
     first, sink = _collect()
     gen.victim = sched.submit(_request(model, LONG[0], 20), sink)
@@ -226,5 +241,55 @@ def test_cancelled_requests_leave_no_page_to_reuse_wrongly(model, alone):
     assert out["done"].wait(300)
     sched.stop()
     assert out["tokens"] == model.generate([follow], max_new_tokens=10, temperature=0)[0]
-    assert sched.metrics.prefix_hit_tokens >= 16 + 16
+    # The victim left its full pages written (2 of its 20-token prompt, or 1 after one chunk of 10).
+    assert sched.metrics.prefix_hit_tokens >= {512: 16, 10: 8}[chunk] + 16
+    assert sched.pages.used == 0
+
+
+class _Recording:
+    """The real generator, logging its calls: ("prefill", tokens computed) and ("decode", rows running)."""
+
+    def __init__(self, generator):
+        self.generator, self.calls = generator, []
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
+
+    def prefill_paged(self, pool, counts, requests, slots, tables, starts, histories, allowed=None, ends=None):
+        seqs = [r.prompt + tuple(h) for r, h in zip(requests, histories)]
+        ends = ends or [len(sq) for sq in seqs]
+        self.calls.append(("prefill", sum(e - s for _, s, e in set(zip(seqs, starts, ends)))))
+        return self.generator.prefill_paged(pool, counts, requests, slots, tables, starts, histories, allowed, ends)
+
+    def decode(self, cache, state, *args):
+        self.calls.append(("decode", int((~np.asarray(state.done)).sum())))
+        return self.generator.decode(cache, state, *args)
+
+
+def test_chunked_prefill_interleaves_decode_and_keeps_replies(model, alone):
+    """A stream is running when two long prompts arrive: they are prefilled 6 tokens per iteration, the
+    running stream decodes between their chunks, and every reply equals its reply alone."""
+    gen = _Recording(model.generator)
+    sched = Scheduler(gen, max_batch=4, max_context=64, page_size=8, prefill_chunk=6, steps_per_call=2).start()
+    running, sink = _collect()
+    sched.submit(_request(model, LONG[1], 20), sink)
+    while not running["tokens"]:
+        running["done"].wait(0.01)
+    outs = []
+    for p in (LONG[0], LONG[2]):  # 20 and 22 tokens; LONG[2] starts with LONG[0]'s first two pages
+        out, sink = _collect()
+        sched.submit(_request(model, p, 20), sink)
+        outs.append(out)
+    for out in [running] + outs:
+        assert out["done"].wait(300)
+    sched.stop()
+    assert [running["tokens"]] + [o["tokens"] for o in outs] == [alone[1], alone[0], alone[2]]
+    prefills = [n for kind, n in gen.calls if kind == "prefill"]
+    assert max(prefills) <= 6 and len(prefills) >= (20 + 22 - 16) // 6
+    assert sched.metrics.prefill_tokens == sum(prefills)
+    # Between the first and the last chunk of the long prompts, the running stream kept decoding.
+    kinds = [kind for kind, _ in gen.calls]
+    first = kinds.index("prefill", kinds.index("decode"))
+    last = len(kinds) - 1 - kinds[::-1].index("prefill")
+    assert sum(kind == "decode" and n >= 1 for kind, n in gen.calls[first:last]) >= 3
     assert sched.pages.used == 0

@@ -71,6 +71,18 @@ def test_tiny_plan_in_process():
     assert p.prefill_batch == 8 and p.prefill_chunk == 64  # min(context, 2048 tokens / 4 sequences per group)
     assert p.fits is True and p.to_json()["per_device_bytes"]["total"] == p.total
     assert "fits" in p.text() and "indicative" in p.text()
+    # The paged pool: what the H100's HBM leaves after weights and temporaries, in pages of 64 positions;
+    # a token costs each device 1/8 of a row (the batch is split 8 ways).
+    pool = p.pool_figures()
+    per_page = layers * width * 2 * 64 / 8
+    assert pool["bytes"] == p.hbm - p.weights - p.temp and pool["pages"] == int(pool["bytes"] // per_page)
+    assert pool["sequences"] == pool["pages"] * 64 // 64 and p.to_json()["kv_pool"] == pool
+    # A given pool replaces batch × context in the total; 1 MiB holds 390 pages of these rows (2,688 bytes
+    # a page per device: 3 layers × 56 values × 2 bytes × 64 positions ÷ 8).
+    given = dataclasses.replace(p, kv_pool=2 ** 20)
+    assert per_page == 2688 and given.total == p.weights + 2 ** 20 + p.temp
+    assert given.pool_figures()["pages"] == 390 and given.pool_figures()["sequences"] == 390
+    assert "390 pages of 64" in given.text() and "390 sequences of 64 tokens" in given.text()
 
 
 def test_cli_errors_name_the_problem(capsys):

@@ -464,40 +464,44 @@ class Generator:
 
     def prefill_paged(self, pool: dict[str, PagedCache], counts: jax.Array, requests: list[Request],
                       slots: Sequence[int], tables: np.ndarray, starts: Sequence[int],
-                      histories: Sequence[Sequence[int]], allowed: np.ndarray | None = None):
+                      histories: Sequence[Sequence[int]], allowed: np.ndarray | None = None,
+                      ends: Sequence[int] | None = None):
         """Prefill requests into a page pool (the scheduler's path; both `pool` and `counts` are donated).
 
         Row k is requests[k] continued by histories[k] (tokens it generated before it was preempted;
         empty for a new request), bound for decode slot slots[k], reading and writing through the page
         table tables[k] ([n] page ids, −1 = none). Its first starts[k] tokens are already in its pages
-        (a prefix hit, a multiple of the page size) and only the rest is computed; rows with the same
-        tokens (the `n` samples of a request) are computed once and the pages copied. counts: the
+        (a prefix hit, or the chunks of a chunked prefill so far) and only the rest is computed, up to
+        ends[k] (default: the whole sequence; a chunk that stops short of it samples a token nobody
+        takes); rows with the same tokens (the `n` samples of a request) are computed once and the
+        pages copied. counts: the
         decode slots' [slots, V] token counts. allowed [len(requests), W]: each row's grammar mask for
         its first token (None: no row is constrained). -> (last logits, pool, counts with the rows' at their
         slots, host state of the rows, device rows, first tokens), the batch bucketed.
         """
         seqs = [r.prompt + tuple(h) for r, h in zip(requests, histories)]
-        if any(not 0 <= st < len(sq) for sq, st in zip(seqs, starts)):
-            raise ValueError(f"prefill starts {list(starts)} must each leave a token of its row to compute")
-        first_of = {}  # distinct sequence -> its first row
-        for k, sq in enumerate(seqs):
-            first_of.setdefault(sq, k)
+        ends = [len(sq) for sq in seqs] if ends is None else list(ends)
+        if any(not 0 <= st < end <= len(sq) for sq, st, end in zip(seqs, starts, ends)):
+            raise ValueError(f"prefill ranges {list(zip(starts, ends))} must each compute a token of its row")
+        first_of = {}  # distinct (sequence, range) -> its first row
+        keys = [(sq, st, end) for sq, st, end in zip(seqs, starts, ends)]
+        for k, key in enumerate(keys):
+            first_of.setdefault(key, k)
         u, b = batch_bucket(len(first_of), self.batch_shards), batch_bucket(len(requests), self.batch_shards)
-        t = length_bucket(max(len(sq) - starts[k] for sq, k in first_of.items()))
+        t = length_bucket(max(end - st for _, st, end in first_of))
         tokens, positions = np.zeros((u, t), np.int32), np.full((u, t), -1, np.int32)
         table = np.full((u, tables.shape[1]), -1, np.int32)
-        for i, (sq, k) in enumerate(first_of.items()):
-            todo = len(sq) - starts[k]  # the uncached tail
-            tokens[i, :todo], positions[i, :todo], table[i] = sq[starts[k]:], range(starts[k], len(sq)), tables[k]
+        for i, ((sq, st, end), k) in enumerate(first_of.items()):
+            tokens[i, :end - st], positions[i, :end - st], table[i] = sq[st:end], range(st, end), tables[k]
         order = list(first_of)
-        gather = np.array([order.index(sq) for sq in seqs] + [0] * (b - len(seqs)), np.int32)
+        gather = np.array([order.index(key) for key in keys] + [0] * (b - len(seqs)), np.int32)
         some = next(iter(pool.values()))
         page_size, num_pages = some.page_size, some.latent.shape[1]
         src, dst = [], []  # a repeated row's computed pages, copied from its sequence's first row
-        for k, sq in enumerate(seqs):
-            first = first_of[sq]
+        for k, key in enumerate(keys):
+            first = first_of[key]
             if first != k:
-                computed = range(starts[k] // page_size, -(-len(sq) // page_size))
+                computed = range(starts[k] // page_size, -(-ends[k] // page_size))
                 src += [tables[first][i] for i in computed]
                 dst += [tables[k][i] for i in computed]
         m = batch_bucket(max(1, len(src)))

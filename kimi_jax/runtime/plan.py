@@ -96,6 +96,8 @@ class Plan:
     decode_cost: StepCost | None = None
     prefill_cost: StepCost | None = None
     must_read: Any = None  # must_read.MustRead of the decode step
+    kv_pool: int | None = None  # a paged KV pool's bytes per device (serve --kv-pages); None: batch × context
+    page_size: int = 64  # positions per page of that pool
 
     @property
     def temp(self) -> int:
@@ -104,7 +106,8 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.temp
+        """Per device: weights, the KV cache (the paged pool when given) and the larger step's temporaries."""
+        return self.weights + (self.kv_cache if self.kv_pool is None else self.kv_pool) + self.temp
 
     @property
     def chip(self):
@@ -117,6 +120,21 @@ class Plan:
     @property
     def fits(self) -> bool | None:
         return None if self.hbm is None else self.total <= self.hbm
+
+    def pool_figures(self) -> dict[str, int] | None:
+        """What a paged KV pool holds: the given pool, else what the chip's HBM leaves after the weights
+        and temporaries. A token of a sequence costs each device kv_cache ÷ (batch × context) (a device
+        holds its batch shard's rows), so `sequences` counts the whole mesh's sequences of `context`
+        tokens."""
+        pool = self.kv_pool if self.kv_pool is not None else (
+            self.hbm - self.weights - self.temp if self.hbm is not None else None)
+        if pool is None:
+            return None
+        per_page = self.kv_cache / (self.batch * self.context) * self.page_size
+        pages = max(0, int(pool // per_page))
+        tokens = pages * self.page_size
+        return {"bytes": int(pool), "page_size": self.page_size, "pages": pages, "tokens": tokens,
+                "sequences": tokens // self.context}
 
     def decode_figures(self) -> dict[str, float] | None:
         """bytes accessed per step vs must-read, the roofline time and the tokens/s ceiling (per chip)."""
@@ -150,6 +168,8 @@ class Plan:
                                  "total": self.total}
         if self.hardware:
             d.update(hbm_bytes=self.hbm, fits=self.fits)
+        if self.pool_figures() is not None:
+            d["kv_pool"] = self.pool_figures()
         if self.decode_cost is not None:
             d["xla_cost"] = {"decode": self.decode_cost.raw, "prefill": self.prefill_cost.raw}
             d["decode"] = self.decode_figures()
@@ -178,6 +198,12 @@ class Plan:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"{self.hardware}: {g(self.hbm)} per device -> {verdict} "
                          f"({(self.hbm - self.total) / GiB:+.2f} GiB to spare)")
+        pool = self.pool_figures()
+        if pool:
+            what = "given" if self.kv_pool is not None else "what the HBM leaves"
+            lines.append(f"paged KV pool ({what}): {g(pool['bytes'])} per device = {pool['pages']:,} pages of "
+                         f"{pool['page_size']} -> {pool['tokens']:,} tokens = {pool['sequences']:,} sequences of "
+                         f"{self.context} tokens at once")
         dec = self.decode_figures()
         if dec:
             lines.append(f"decode step: {dec['bytes_accessed'] / 1e9:.3f} GB accessed per device, must read "
@@ -218,7 +244,7 @@ def prod(values) -> int:
 
 def plan(cfg: Config, mesh, batch: int, context: int, hardware: str | None = None, rules=None,
          prefill_batch: int | None = None, prefill_chunk: int | None = None, target: str = "cpu",
-         cost: bool = True) -> Plan:
+         cost: bool = True, kv_pool: int | None = None, page_size: int = 64) -> Plan:
     """Compile prefill and decode for `cfg` on `mesh` from abstract weights and report per-device memory
     and (with `cost`) the loop-accounted cost of each step against what it must read.
 
@@ -267,7 +293,7 @@ def plan(cfg: Config, mesh, batch: int, context: int, hardware: str | None = Non
         hardware=hardware, host_peak_rss=host_peak_rss(), decode_cost=costs.get(True),
         prefill_cost=costs.get(False),
         must_read=decode_must_read(cfg, layout.mesh, layout.rules, batch, context, backend.fp8_storage)
-        if cost else None)
+        if cost else None, kv_pool=kv_pool, page_size=page_size)
 
 
 def cost_of(compiled) -> dict[str, float]:

@@ -6,11 +6,15 @@ fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread 
 
     1. free the slots of finished or cancelled jobs (their rows are marked done: position −1,
        so they write nothing; their pages go back to the pool);
-    2. admit waiting jobs, oldest first, while a slot is free and the pool has the pages for the
-       prompt and one decode call (admission is by free pages, not free slots alone): look the
-       prompt's full pages up in the prefix cache, prefill only the tokens after the hit (a batch of
-       up to `max_prefill` distinct prompts, shapes bucketed; jobs with the same prompt, such as the
-       `n` samples of one request, share its prefill), and emit each job's first token;
+    2. prefill, within a budget of `prefill_chunk` tokens per iteration: first the next chunks of
+       prompts whose prefill is under way, then waiting jobs, oldest first, while a slot is free and
+       the pool has the pages for the prompt and one decode call (admission is by free pages, not
+       free slots alone): look the prompt's full pages up in the prefix cache, prefill only the
+       tokens after the hit (a batch of up to `max_prefill` distinct prompts, shapes bucketed; jobs
+       with the same prompt, such as the `n` samples of one request, share its prefill), and emit
+       each job's first token once its whole prompt is in. A prompt longer than what is left of the
+       budget is prefilled in chunks over several iterations (chunked prefill), so a long prompt
+       delays the running streams' next decode call by one chunk's prefill, not its whole length;
     3. give each running sequence the pages its next decode call may write; when the pool runs out,
        preempt the youngest running sequence (the last admitted): its pages are released (its full
        pages stay in the prefix cache) and it goes back to the front of the queue, to be recomputed
@@ -48,6 +52,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +70,9 @@ MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 f
 # Positions per page: a prefix is shared in whole pages, and one page of one layer is a contiguous
 # 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
 PAGE_SIZE = 64
+# Prefill tokens per scheduler iteration: a longer prompt is prefilled in chunks between decode calls
+# (BENCHMARKS.md "Paged cache": what a chunk costs the running streams' inter-token latency).
+PREFILL_CHUNK = 512
 MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own
 # One token's log probability and its top alternatives [(token id, log probability)], most likely first.
 TokenLogProb = tuple[float, list[tuple[int, float]]]
@@ -111,6 +119,7 @@ class Metrics:
         self.occupied_slot_steps = 0  # sum over decode calls of (active slots × steps run)
         self.max_occupancy = 0
         self.prefill_calls = 0
+        self.prefill_tokens = 0  # tokens computed by prefill (chunks included; prefix hits not)
         self.busy_seconds = 0.0  # model-thread time spent in prefill/decode
         self.ttft_count = 0
         self.ttft_sum = 0.0
@@ -145,7 +154,8 @@ class Scheduler:
     def __init__(self, generator: Generator, max_batch: int = 16, max_context: int = 4096, max_queue: int = 256,
                  max_prefill: int = 8, steps_per_call: int | None = None,
                  lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, page_size: int = PAGE_SIZE,
-                 num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None):
+                 num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -158,6 +168,9 @@ class Scheduler:
                              "(--kv-pages) or lower --max-context")
         self.pages = PagePool(-(-num_pages // shards) * shards, page_size, prefix_cache)  # split like the batch
         self.max_queue, self.max_prefill = max_queue, max_prefill
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.steps_per_call = steps_per_call or generator.steps_per_call
         self.metrics = Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -214,7 +227,13 @@ class Scheduler:
 
     @property
     def active(self) -> int:
+        """Slots in use (prefilling or decoding)."""
         return sum(j is not None for j in self._slots)
+
+    @property
+    def decoding(self) -> int:
+        """Slots whose prompt is in: they take part in decode calls."""
+        return sum(j is not None and s not in self._partial for s, j in enumerate(self._slots))
 
     def start(self) -> Scheduler:
         """Run the model thread (process 0 of a lockstep also starts its watchdog: a lost follower
@@ -228,9 +247,13 @@ class Scheduler:
         return self
 
     def follow(self) -> None:
-        """A follower process (runtime/lockstep.py): run process 0's iterations until it stops."""
+        """A follower process (runtime/lockstep.py): run process 0's iterations until it stops (then
+        its heartbeat stops too)."""
         self.lockstep.start()
-        self._run()
+        try:
+            self._run()
+        finally:
+            self.lockstep.stop()
 
     def stop(self) -> None:
         """Stop after the current iteration (on every process of a lockstep)."""
@@ -266,9 +289,9 @@ class Scheduler:
                     break
                 self._free_cancelled()
                 self._admit()
-                if self.active:
+                if self.decoding:
                     self._grow()  # may preempt
-                if self.active:
+                if self.decoding:
                     self._decode()
                 self.lockstep.finished(self._step, self.active)
                 self._step += 1
@@ -327,6 +350,7 @@ class Scheduler:
         self._tables = np.full((b, self.pages_per_seq), -1, np.int32)  # each slot's page table (−1: none)
         self._held: list[list[int]] = [[] for _ in range(b)]  # each slot's pages, in position order
         self._admitted_at = [0] * b  # admission counter of each slot's job: the largest is the youngest
+        self._partial: dict[int, int] = {}  # slots whose prompt is being prefilled in chunks -> positions written
         self._admissions = 0
         # Host copies (every slot starts free: done), but the [B, V] token counts stay on device.
         self._state = DecodeState(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
@@ -345,8 +369,11 @@ class Scheduler:
         job = self._slots[slot]
         if job is not None:
             # Positions 0..written−1 are on the device: the last token made is only written by the
-            # next step (state.positions is the position it would take).
-            self.pages.register(_sequence(job), self._held[slot], int(self._state.positions[slot]))
+            # next step (state.positions is the position it would take); a prompt cut off mid-prefill
+            # has written its chunks so far.
+            written = self._partial.pop(slot, None)
+            written = int(self._state.positions[slot]) if written is None else written
+            self.pages.register(_sequence(job), self._held[slot], written)
         self.pages.release(self._held[slot])
         self._held[slot] = []
         self._tables[slot] = -1
@@ -365,38 +392,54 @@ class Scheduler:
                 self._free(slot)
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free slots while their pages fit (several prefill batches if room)."""
-        while True:
-            picked = self._pick()
+        """Spend this iteration's prefill budget (`prefill_chunk` tokens): the next chunks of prompts
+        under way, then waiting jobs into free slots while their pages fit (several calls if room)."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            picked = self._pick(budget)
             if not picked:
                 return
-            self._prefill(picked)
+            budget -= self._prefill(picked)
 
-    def _pick(self) -> list[tuple[Job, int, list[int], int]]:
-        """Take waiting jobs, oldest first, for one prefill: (job, slot, pages, cached tokens) each. The
-        head of the queue waits (and so does everyone behind it) until its pages are available."""
+    def _pick(self, budget: int) -> list[_Chunk]:
+        """This prefill call's chunks, within `budget` tokens: prompts under way first (oldest first),
+        then waiting jobs, oldest first. The head of the queue waits (and so does everyone behind it)
+        until its pages are available."""
+        picked, ends = [], {}  # ends: (sequence, start) -> end of the chunk computed for it
+        for slot in sorted(self._partial, key=self._admitted_at.__getitem__):
+            job, start = self._slots[slot], self._partial[slot]
+            seq = _sequence(job)
+            if (seq, start) not in ends:  # else the same tokens as a chunk picked already: computed once
+                if budget <= 0 or len(ends) >= self.max_prefill:
+                    continue
+                ends[seq, start] = min(len(seq), start + budget)
+                budget -= ends[seq, start] - start
+            picked.append(_Chunk(job, slot, self._held[slot], start, ends[seq, start], new=False))
         free = [i for i, j in enumerate(self._slots) if j is None]
-        picked, distinct = [], set()
-        while self._waiting and len(picked) < len(free):
+        while self._waiting and free:
             job = self._waiting[0]
             seq = _sequence(job)
-            if seq not in distinct and len(distinct) >= self.max_prefill:
-                break
             # A hit stops short of the last token: prefill computes at least one, for its logits.
             hit = self.pages.match(seq, limit=(len(seq) - 1) // self.page_size)
+            start = len(hit) * self.page_size
+            shared = (seq, start) in ends  # the same tokens as a job picked already: computed once
+            if not shared and (budget <= 0 or len(ends) >= self.max_prefill):
+                break
             need = pages_for(self._reach(job, len(seq)), self.page_size) - len(hit)
             if need > self.pages.available - self.pages.cached_among(hit):
                 break
             self._waiting.popleft()
             try:  # a grammar that does not compile fails its job alone
-                self._constraints.admit(free[len(picked)], job.request.constraint, job.request.stop_ids, job.output)
+                self._constraints.admit(free[0], job.request.constraint, job.request.stop_ids, job.output)
             except GrammarError as e:
                 self._finish(job, f"error: the grammar does not compile: {e}")
                 continue
             self.pages.acquire(hit)
             pages = hit + self.pages.allocate(need)
-            picked.append((job, free[len(picked)], pages, len(hit) * self.page_size))
-            distinct.add(seq)
+            if not shared:
+                ends[seq, start] = min(len(seq), start + budget)
+                budget -= ends[seq, start] - start
+            picked.append(_Chunk(job, free.pop(0), pages, start, ends[seq, start], new=True))
         return picked
 
     def _reach(self, job: Job, position: int) -> int:
@@ -404,42 +447,60 @@ class Scheduler:
         `position`: one per step, but never past prompt + max new tokens."""
         return min(position + self.steps_per_call, len(job.request.prompt) + job.request.max_new_tokens)
 
-    def _prefill(self, picked: list[tuple[Job, int, list[int], int]]) -> None:
-        """Prefill the picked jobs into their pages and slots, and hand out their first tokens."""
+    def _prefill(self, picked: list[_Chunk]) -> int:
+        """Prefill the picked chunks into their pages and slots, and hand out the first tokens of the jobs
+        whose prompt is now in (the others stay partial: their rows sit out decode). -> tokens computed."""
         start = time.perf_counter()
-        jobs, slots = [p[0] for p in picked], [p[1] for p in picked]
-        width = self._table_width(max(len(p[2]) for p in picked))
+        jobs, slots = [c.job for c in picked], [c.slot for c in picked]
+        # The table reaches the chunk's end (bucketed): a chunk's attention costs what precedes it, not
+        # the whole prompt's pages.
+        width = self._table_width(max(pages_for(c.end, self.page_size) for c in picked))
         tables = np.full((len(picked), width), -1, np.int32)
-        for k, (_, _, pages, _) in enumerate(picked):
-            tables[k, :len(pages)] = pages
+        for k, c in enumerate(picked):
+            tables[k, :min(len(c.pages), width)] = c.pages[:width]
+        final = [k for k, c in enumerate(picked) if c.end == len(_sequence(c.job))]
+        masks, allowed = self._constraints.masks([slots[k] for k in final]) if final else None, None
+        if masks is not None:  # first-token masks of the rows that sample theirs now
+            allowed = np.full((len(picked), masks.shape[1]), -1, np.int32)
+            allowed[final] = masks
         logits, self._pool, counts, state, _, first_device = self.generator.prefill_paged(
-            self._pool, self._state.counts, [j.request for j in jobs], slots, tables, [p[3] for p in picked],
-            [j.output for j in jobs], self._constraints.masks(slots))
+            self._pool, self._state.counts, [j.request for j in jobs], slots, tables, [c.start for c in picked],
+            [j.output for j in jobs], allowed, [c.end for c in picked])
         self._state = self._state._replace(counts=counts)
         first = np.asarray(first_device)  # blocks: the first tokens are ready (and the pages written)
         logprobs = None
-        if any(j.request.logprobs for j in jobs):
+        if any(jobs[k].request.logprobs for k in final):
             logprobs = jax.tree.map(np.asarray, self.generator.first_logprobs(logits, first_device, TOP_LOGPROBS))
-        for k, (job, slot, pages, cached) in enumerate(picked):
+        m = self.metrics
+        for k, c in enumerate(picked):
+            job, slot, seq = c.job, c.slot, _sequence(c.job)
+            if c.new:
+                self._slots[slot], self._held[slot] = job, c.pages
+                self._tables[slot, :len(c.pages)] = c.pages
+                self._admissions += 1
+                self._admitted_at[slot] = self._admissions
+                m.prompt_tokens += 0 if job.output else len(job.request.prompt)  # a resumed job was counted
+                m.prefix_queried_tokens += len(seq)
+                m.prefix_hit_tokens += c.start
+            self.pages.register(seq, c.pages, c.end)  # written now: reusable by the next prompt
+            if c.end < len(seq):  # more chunks to come: the row sits out decode (done) meanwhile
+                self._partial[slot] = c.end
+                self._state.done[slot] = True
+                continue
+            self._partial.pop(slot, None)
             for field, value in zip(self._state[:4], state[:4]):
                 field[slot] = value[k]
             self._set_rows(slot, job.request)
-            self._slots[slot], self._held[slot] = job, pages
-            self._tables[slot, :len(pages)] = pages
-            self._admissions += 1
-            self._admitted_at[slot] = self._admissions
-            seq = _sequence(job)
-            self.pages.register(seq, pages, len(seq))  # written now: reusable by the next prompt
-            m = self.metrics
-            m.prompt_tokens += 0 if job.output else len(job.request.prompt)  # a resumed job was counted
-            m.prefix_queried_tokens += len(seq)
-            m.prefix_hit_tokens += cached
         self._rows_device = None
-        self.metrics.prefill_calls += 1
-        self.metrics.busy_seconds += time.perf_counter() - start
-        for k, (job, slot, _, _) in enumerate(picked):
+        m.prefill_calls += 1
+        m.busy_seconds += time.perf_counter() - start
+        for k in final:
+            job, slot = jobs[k], slots[k]
             lp = [_token_logprob(logprobs, k)] if logprobs is not None and job.request.logprobs else None
             self._deliver(slot, job, [int(first[k])] if first[k] >= 0 else [], lp)
+        computed = {(_sequence(c.job), c.start): c.end - c.start for c in picked}
+        m.prefill_tokens += sum(computed.values())
+        return sum(computed.values())
 
     def _table_width(self, pages: int) -> int:
         """Page-table columns for a call whose longest row holds `pages` pages: a power of two (few
@@ -450,7 +511,8 @@ class Scheduler:
     def _grow(self) -> None:
         """Give each running sequence, oldest first, the pages its next decode call may write;
         when the pool is short, preempt the youngest running sequence (see the module docstring)."""
-        for slot in sorted((s for s, j in enumerate(self._slots) if j is not None), key=self._admitted_at.__getitem__):
+        running = (s for s, j in enumerate(self._slots) if j is not None and s not in self._partial)
+        for slot in sorted(running, key=self._admitted_at.__getitem__):  # a partial one holds its prompt's pages
             job = self._slots[slot]
             if job is None:  # preempted while an older one grew
                 continue
@@ -491,11 +553,13 @@ class Scheduler:
         start = time.perf_counter()
         if self._rows_device is None:
             self._rows_device = jax.device_put(self._rows)
-        active = self.active
-        jobs = [j.request for j in self._slots if j is not None]
+        active = self.decoding
+        running = [s for s, j in enumerate(self._slots) if j is not None and s not in self._partial]
+        jobs = [self._slots[s].request for s in running]
         wants = any(r.logprobs for r in jobs)
-        # The table is cut to the longest sequence's pages (bucketed): attention reads no further.
-        width = self._table_width(max(len(h) for h in self._held))
+        # The table is cut to the longest sequence's pages (bucketed): attention reads no further
+        # (a partial row sits the call out, and writes nothing).
+        width = self._table_width(max(len(self._held[s]) for s in running))
         cache = with_table(self._pool, self._tables[:, :width])
         cache, state, out, logprobs = self.generator.decode(
             cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
@@ -515,8 +579,9 @@ class Scheduler:
         m.max_occupancy = max(m.max_occupancy, active)
         m.busy_seconds += elapsed
         m.last_tokens_per_s = made / elapsed if elapsed > 0 else 0.0
-        for slot, job in enumerate(self._slots):
-            if job is not None:
+        for slot in running:
+            job = self._slots[slot]
+            if job is not None:  # not finished by an earlier row's sink (cancel) meanwhile
                 steps_made = np.flatnonzero(out[:, slot] >= 0)
                 lp = None
                 if logprobs is not None and job.request.logprobs:
@@ -554,6 +619,18 @@ class Scheduler:
             self._jobs.pop(job.id, None)
         self.metrics.requests[reason.split(":")[0]] += 1
         job.sink(list(tokens), reason, logprobs)
+
+
+class _Chunk(NamedTuple):
+    """One row of a prefill call: positions start..end−1 of a job's sequence, into its slot's pages;
+    `new` on its first chunk (the job is admitted by it)."""
+
+    job: Job
+    slot: int
+    pages: list[int]
+    start: int
+    end: int
+    new: bool
 
 
 def _sequence(job: Job) -> tuple[int, ...]:

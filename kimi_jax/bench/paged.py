@@ -1,0 +1,251 @@
+"""Serving over the paged cache (BENCHMARKS.md "Paged cache"): capacity, prefix caching, chunked prefill.
+
+Each scenario starts `python -m kimi_jax.serve` as a user does (the embedded default model unless the
+server flags say otherwise), on a free 127.0.0.1 port, and talks to it over HTTP with greedy requests;
+the configurations a scenario compares run one after the other in the same invocation.
+
+- capacity: a KV pool of 8 × 4,096 positions (`--kv-pages`) and 64 slots; `clients` requests of
+  256 prompt + 256 reply tokens sent at once (their stop tokens banned with logit_bias, so each reply
+  is exactly 256 tokens). Reported: the most sequences one decode call ran (`batch_occupancy_max`),
+  preemptions, and the wall time.
+- prefix: the model card's tool loop (tests/serve_util.py; tool results sent back as `role: tool`,
+  a follow-up user turn when the reply calls no tool) behind a ~2,000-token system prompt with the
+  model card's weather tool, `turns` turns; time to first token of each turn (request sent -> first
+  streamed delta), with the prefix cache on and off (`--no-prefix-cache`), and the hit rate; two
+  conversations with their own system prompts run first, unmeasured (they compile what it needs).
+- itl: 8 streams decoding when a 4,000-token prompt arrives. The inter-token latency of a stream is
+  the gap between two of its deliveries (one per decode call, `--steps-per-call` tokens); reported
+  are the median gap before the long prompt arrives and the p99 of the gaps that overlap its
+  admission (sent -> its first token), with `--prefill-chunk` 256, 512 (the default) and 4096 (one
+  chunk for the whole prompt: how the server prefilled before chunking); the prefix cache is off,
+  so the long prompt is computed whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+
+MODEL = "kimi-k2-instruct"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Retrieve current weather information. Call this when the user asks about "
+                                         "the weather.",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "description": "Name of the city"}}}}}
+
+
+@contextlib.contextmanager
+def serve(*flags: str) -> Iterator[str]:
+    """`python -m kimi_jax.serve FLAGS` on a free port: yields its URL once /health answers 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError("the server was not ready within 600 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The server's /metrics samples (unlabelled ones by name)."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("kimi_jax_"):
+            name, value = line.rsplit(" ", 1)
+            out[name.removeprefix("kimi_jax_")] = float(value)
+    return out
+
+
+def stop_bias(url: str) -> dict[str, float]:
+    """logit_bias banning the model's end-of-turn tokens (from the server's tokenizer: the embedded model's)."""
+    from kimi_jax.runtime.default_model import load_default  # deferred: the bench process needs no model otherwise
+
+    return {str(t): -100.0 for t in load_default().stop_ids}
+
+
+def text_of(url: str, tokens: int, tag: str) -> str:
+    """A user message of about `tokens` prompt tokens (chat template included), distinct per `tag`:
+    calibrated with one 1-token request."""
+    def words(n):
+        return " ".join(f"{tag} note {i} says the river {i % 7} is calm." for i in range(n))
+
+    def prompt_tokens(text):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600).json()["usage"]["prompt_tokens"]
+
+    probe = 40
+    per = (prompt_tokens(words(probe)) - prompt_tokens(words(1))) / (probe - 1)
+    n = max(1, int((tokens - prompt_tokens(words(1))) / per) + 1)
+    while n > 1 and prompt_tokens(words(n)) > tokens:
+        n -= 1
+    return words(n)
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, deliveries: list[float] | None = None) -> dict:
+    """One streaming chat request -> {"sent", "deliveries", "message"}: the times (perf_counter) of the
+    chunks that carried text or a call, appended to `deliveries` as they arrive (a cancelled stream
+    keeps what it had), and the assistant message they make up."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    sent, content, calls = time.perf_counter(), "", {}
+    deliveries = [] if deliveries is None else deliveries
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk["choices"]:
+                continue
+            delta = chunk["choices"][0]["delta"]
+            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
+                deliveries.append(time.perf_counter())
+            content += delta.get("content") or ""
+            for call in delta.get("tool_calls") or []:
+                got = calls.setdefault(call["index"], {"id": None, "name": "", "arguments": ""})
+                got["id"] = call.get("id") or got["id"]
+                got["name"] += call.get("function", {}).get("name") or ""
+                got["arguments"] += call.get("function", {}).get("arguments") or ""
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                 for _, c in sorted(calls.items())]
+    return {"sent": sent, "deliveries": deliveries, "message": message}
+
+
+# Scenarios ------------------------------------------------------------------------------------
+def capacity(flags: list[str], clients: int = 32, prompt: int = 256, reply: int = 256) -> dict:
+    """`clients` requests of prompt + reply tokens at once into a pool of 8 × 4,096 positions."""
+    pages = 8 * 4096 // 64
+    with serve("--max-batch", "64", "--max-context", "4096", "--page-size", "64", "--kv-pages", str(pages),
+               *flags) as url:
+        bias = stop_bias(url)
+        texts = [text_of(url, prompt, f"c{i}") for i in range(clients)]
+
+        async def run():
+            async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=clients + 4)) as client:
+                body = {"model": MODEL, "max_tokens": reply, "temperature": 0, "logit_bias": bias}
+                await _stream(client, url, {**body, "max_tokens": 4,  # warm-up: the shapes of this load
+                                            "messages": [{"role": "user", "content": text_of(url, prompt, "w")}]})
+                before = metrics(url)
+                start = time.perf_counter()
+                got = await asyncio.gather(*(_stream(client, url, {**body, "messages": [
+                    {"role": "user", "content": t}]}) for t in texts))
+                return got, time.perf_counter() - start, before
+
+        got, wall, before = asyncio.run(run())
+        after = metrics(url)
+    tokens = sum(len(g["deliveries"]) for g in got)
+    return {"clients": clients, "positions_each": prompt + reply, "kv_positions": pages * 64,
+            "max_concurrent": int(after["batch_occupancy_max"]),
+            "preemptions": int(after["preemptions_total"] - before["preemptions_total"]),
+            "wall_s": round(wall, 2), "deliveries": tokens}
+
+
+def prefix(flags: list[str], turns: int = 4, system_tokens: int = 2000) -> dict:
+    """The model card's tool loop behind a long system prompt: TTFT per turn, and the hit rate. Two
+    conversations with system prompts of their own run first, unmeasured: the programs the measured one
+    needs are compiled by then."""
+    with serve("--max-context", "4096", *flags) as url:
+        systems = [text_of(url, system_tokens, f"system{k}") for k in range(3)]
+
+        async def conversation(system: str) -> list[float]:
+            async with httpx.AsyncClient(timeout=1800) as client:
+                messages = [{"role": "system", "content": system},
+                            {"role": "user", "content": "What's the weather like in Beijing today? Use the tool to "
+                                                        "check."}]
+                ttft = []
+                for _ in range(turns):
+                    got = await _stream(client, url, _turn(messages))
+                    ttft.append(got["deliveries"][0] - got["sent"])
+                    messages.append(got["message"])
+                    for call in got["message"].get("tool_calls") or []:
+                        messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                                         "content": json.dumps({"weather": "Sunny"})})
+                    if not got["message"].get("tool_calls"):
+                        messages.append({"role": "user", "content": "And tomorrow?"})
+                return ttft
+
+        for system in systems[:2]:
+            asyncio.run(conversation(system))
+        before = metrics(url)
+        ttft = asyncio.run(conversation(systems[2]))
+        after = metrics(url)
+    queried = after["prefix_cache_queried_tokens_total"] - before["prefix_cache_queried_tokens_total"]
+    hits = after["prefix_cache_hit_tokens_total"] - before["prefix_cache_hit_tokens_total"]
+    return {"ttft_ms": [round(t * 1e3, 1) for t in ttft], "later_over_first": round(max(ttft[1:]) / ttft[0], 3),
+            "hit_rate": round(hits / queried, 3) if queried else 0.0}
+
+
+def _turn(messages: list[dict]) -> dict:
+    return {"model": MODEL, "messages": messages, "tools": [WEATHER_TOOL], "tool_choice": "auto",
+            "max_tokens": 32, "temperature": 0}
+
+
+def itl(flags: list[str], streams: int = 8, long_tokens: int = 4000, baseline_s: float = 3.0) -> dict:
+    """Inter-token latency of `streams` running streams before and while a long prompt is admitted.
+    The scenario runs twice on one server, the first time unmeasured: every program it needs is
+    compiled by then (or loaded from the compile cache)."""
+    # No prefix cache: the long prompt is computed whole (calibrating its length has sent it once).
+    with serve("--max-batch", "16", "--max-context", "4096", "--no-prefix-cache", *flags) as url:
+        bias = stop_bias(url)
+        longs = [text_of(url, long_tokens, f"long{k}") for k in range(2)]
+
+        async def once(long: str, tag: str):
+            times = [[] for _ in range(streams)]
+            async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=streams + 4)) as client:
+                body = {"model": MODEL, "temperature": 0, "logit_bias": bias}
+                runs = [asyncio.create_task(_stream(client, url, {**body, "max_tokens": 2500, "messages": [
+                    {"role": "user", "content": f"Stream {tag}{i}: tell a long story."}]}, times[i]))
+                    for i in range(streams)]
+                while min(map(len, times)) < 2:  # every stream is decoding
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(baseline_s)
+                arrived = time.perf_counter()
+                got = await _stream(client, url, {**body, "max_tokens": 4, "messages": [
+                    {"role": "user", "content": long}]})
+                await asyncio.sleep(0.5)
+                for task in runs:
+                    task.cancel()
+                await asyncio.gather(*runs, return_exceptions=True)
+            return times, arrived, got["deliveries"][0]
+
+        asyncio.run(once(longs[0], "warm"))
+        times, arrived, admitted = asyncio.run(once(longs[1], ""))
+    before, during = [], []
+    for ts in times:
+        for a, b in zip(ts, ts[1:]):
+            if arrived - baseline_s <= a and b < arrived:
+                before.append(b - a)
+            elif a < admitted and b > arrived:  # overlaps the admission (the gap it widens ends after it)
+                during.append(b - a)
+    median, p99 = float(np.median(before)), float(np.percentile(during, 99))
+    return {"median_itl_ms": round(median * 1e3, 1), "p99_itl_admitting_ms": round(p99 * 1e3, 1),
+            "ratio": round(p99 / median, 2), "gaps_before": len(before), "gaps_during": len(during),
+            "admission_ms": round((admitted - arrived) * 1e3, 1)}

@@ -1,0 +1,55 @@
+"""Serving over the paged cache: capacity, prefix caching in the model card's tool loop, and the
+inter-token latency of running streams while a long prompt is admitted (chunked prefill).
+
+    python scripts/bench_paged.py                      # all three, embedded default model
+    python scripts/bench_paged.py --only itl -- --dtype bfloat16   # flags after -- go to every server
+
+See kimi_jax/bench/paged.py for what is measured; results go to BENCHMARKS.md ("Paged cache").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+from kimi_jax.bench import paged
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=["capacity", "prefix", "itl"], action="append",
+                   help="run only these scenarios (repeatable; default all)")
+    p.add_argument("server_flags", nargs="*", help="flags for every server (after --)")
+    args = p.parse_args()
+    only = args.only or ["capacity", "prefix", "itl"]
+    flags = args.server_flags
+    print(f"# {' '.join(['python', *sys.argv])} on {platform.node()} ({platform.processor() or platform.machine()})")
+    if "capacity" in only:
+        print("| requests at once | positions each | KV positions | most running at once | preemptions | wall s |")
+        print("|---|---|---|---|---|---|")
+        for clients in (32, 64):
+            r = paged.capacity(flags, clients)
+            print(f"| {r['clients']} | {r['positions_each']} | {r['kv_positions']} | {r['max_concurrent']} "
+                  f"| {r['preemptions']} | {r['wall_s']} |", flush=True)
+    if "prefix" in only:
+        print("\n| prefix cache | TTFT per turn (ms) | worst later turn ÷ turn 1 | hit rate |")
+        print("|---|---|---|---|")
+        for name, extra in (("on", []), ("off", ["--no-prefix-cache"])):
+            r = paged.prefix(flags + extra)
+            print(f"| {name} | {', '.join(map(str, r['ttft_ms']))} | {r['later_over_first']} | {r['hit_rate']} |",
+                  flush=True)
+    if "itl" in only:
+        print("\n| --prefill-chunk | median ITL before (ms) | p99 ITL while admitting (ms) | ratio "
+              "| gaps before / during | admission ms |")
+        print("|---|---|---|---|---|---|")
+        for chunk in (256, 512, 4096):
+            r = paged.itl(flags + ["--prefill-chunk", str(chunk)])
+            print(f"| {chunk} | {r['median_itl_ms']} | {r['p99_itl_admitting_ms']} | {r['ratio']} "
+                  f"| {r['gaps_before']} / {r['gaps_during']} | {r['admission_ms']} |", flush=True)
+            print(json.dumps(r), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
