@@ -13,8 +13,9 @@ from serve_util import collect as _collect
 
 from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.jobs import SchedulerStopped
 from kimi_jax.runtime.sampling import SamplingParams
-from kimi_jax.runtime.scheduler import Scheduler, SchedulerStopped
+from kimi_jax.runtime.scheduler import Scheduler
 
 pytestmark = pytest.mark.serve
 

@@ -178,6 +178,8 @@ def test_prefix_cache_keeps_replies_and_counts_hits(model, alone):
     assert float(exported["kimi_jax_prefix_cache_hit_rate"]) == pytest.approx(32 / m.prefix_queried_tokens, abs=1e-6)
     assert float(exported["kimi_jax_kv_pages_used"]) == 0 and float(exported["kimi_jax_preemptions_total"]) == 0
     assert float(exported["kimi_jax_kv_pages_free"]) == sched.pages.num_pages == 32
+    # The generator's programs (prefill and decode at least) are counted as they are built.
+    assert float(exported["kimi_jax_compilations_total"]) == sum(model.generator.traces.values()) >= 2
 
 
 def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):

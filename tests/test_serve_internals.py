@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kimi_jax.runtime.default_model import default_checkpoint
+from kimi_jax.runtime.jobs import Metrics
 from kimi_jax.runtime.lockstep import Solo
 from kimi_jax.runtime.pages import PagePool
-from kimi_jax.runtime.scheduler import Metrics
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import Server
 from kimi_jax.text.chat_template import ChatTemplate

@@ -296,7 +296,7 @@ class Generator:
         self.steps_per_call = steps_per_call
         self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype, layout=layout)
         self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
-        self.traces: collections.Counter = collections.Counter()  # compilations per function (tests)
+        self.traces: collections.Counter = collections.Counter()  # programs built per function (tests, /metrics)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
         self._prefill_paged = jax.jit(self._prefill_paged_impl, static_argnums=(13,), donate_argnums=(1, 2))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))

@@ -30,6 +30,8 @@ def prometheus_text(scheduler) -> str:
            [("", m.occupied_slot_steps)])
     metric("batch_occupancy_max", "gauge", "Most slots in use by one decode call.", [("", m.max_occupancy)])
     metric("prefill_calls_total", "counter", "Prefill calls.", [("", m.prefill_calls)])
+    metric("compilations_total", "counter", "Model programs built since start (compiled, or loaded from the persistent "
+           "compile cache): one per new shape bucket.", [("", sum(s.generator.traces.values()))])
     metric("prefill_tokens_total", "counter", "Tokens computed by prefill calls (chunks of long prompts included, "
            "prefix-cache hits not).", [("", m.prefill_tokens)])
     metric("busy_seconds_total", "counter", "Model-thread seconds in prefill and decode.",

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from kimi_jax.runtime.generation import Request
-from kimi_jax.runtime.scheduler import QueueFull, SchedulerStopped
+from kimi_jax.runtime.jobs import QueueFull, SchedulerStopped
 from kimi_jax.serve.errors import APIError, error_body, is_anthropic
 from kimi_jax.serve.server import Server
 from kimi_jax.serve.validation import parse_body
