@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import jax
+from jax._src import compilation_cache
 from jax.experimental import topologies
 from jax.sharding import AxisType
 
@@ -76,12 +77,16 @@ def no_persistent_cache() -> Iterator[None]:
     """Compile without JAX's persistent compile cache (for deviceless TPU programs): a TPU executable
     compiled with no TPU attached cannot be loaded back from it (JAX warns at every lookup), and the
     cache is there for this host's own programs."""
+    # JAX decides once per process whether the cache is used (jax._src.compilation_cache memoises it):
+    # the setting alone is read only before the first compile, so the decision is reset around it.
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
 
 
 def known_targets() -> list[str]:
