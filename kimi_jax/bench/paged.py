@@ -35,6 +35,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 
+from kimi_jax.bench.serve import chat_chunks
+
 MODEL = "kimi-k2-instruct"
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Retrieve current weather information. Call this when the user asks about "
@@ -111,26 +113,20 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, deliveries: l
     """One streaming chat request -> {"sent", "deliveries", "message"}: the times (perf_counter) of the
     chunks that carried text or a call, appended to `deliveries` as they arrive (a cancelled stream
     keeps what it had), and the assistant message they make up."""
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     sent, content, calls = time.perf_counter(), "", {}
     deliveries = [] if deliveries is None else deliveries
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if not chunk["choices"]:
-                continue
-            delta = chunk["choices"][0]["delta"]
-            if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
-                deliveries.append(time.perf_counter())
-            content += delta.get("content") or ""
-            for call in delta.get("tool_calls") or []:
-                got = calls.setdefault(call["index"], {"id": None, "name": "", "arguments": ""})
-                got["id"] = call.get("id") or got["id"]
-                got["name"] += call.get("function", {}).get("name") or ""
-                got["arguments"] += call.get("function", {}).get("arguments") or ""
+    async for chunk in chat_chunks(client, url, body):
+        if not chunk["choices"]:
+            continue
+        delta = chunk["choices"][0]["delta"]
+        if delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"):
+            deliveries.append(time.perf_counter())
+        content += delta.get("content") or ""
+        for call in delta.get("tool_calls") or []:
+            got = calls.setdefault(call["index"], {"id": None, "name": "", "arguments": ""})
+            got["id"] = call.get("id") or got["id"]
+            got["name"] += call.get("function", {}).get("name") or ""
+            got["arguments"] += call.get("function", {}).get("arguments") or ""
     message = {"role": "assistant", "content": content or None}
     if calls:
         message["tool_calls"] = [{"id": c["id"], "type": "function",

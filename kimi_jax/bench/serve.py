@@ -12,25 +12,31 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
+
+
+async def chat_chunks(client, url: str, body: dict) -> AsyncIterator[dict]:
+    """The parsed SSE chunks of one streaming chat completion (`body` gets stream and usage on)."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
 
 
 async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     """One streaming request -> (seconds to its first content chunk, completion tokens)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0}
     start, first, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
+    async for chunk in chat_chunks(client, url, body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - start
     return (first if first is not None else time.perf_counter() - start), tokens
 
 
