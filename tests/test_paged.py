@@ -13,6 +13,7 @@ from serve_util import collect as _collect
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import generation
 from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.pages import block_list, pages_for
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.metrics import prometheus_text
@@ -41,11 +42,13 @@ def _scrambled_tables(rows: int, width: int, num_pages: int) -> np.ndarray:
     return ids.reshape(width, rows).T.astype(np.int32)  # (rows, width)
 
 
-def _paged_equals_contiguous(m, contiguous_gen=None):
-    """Greedy-decode PROMPTS through page tables and through the contiguous cache of `contiguous_gen`
-    (default m's own); assert the fp32 logits agree at prefill and at every step."""
-    cfg, gen = m.config, m.generator
-    ref = contiguous_gen or gen
+def _paged_equals_contiguous(m, contiguous_gen=None, paged_gen=None):
+    """Greedy-decode PROMPTS through page tables (by `paged_gen`, default m's generator) and through the
+    contiguous cache of `contiguous_gen` (default m's); assert the fp32 logits agree at prefill and at
+    every step, for decode reading through the table and through blocks of pages."""
+    cfg = m.config
+    gen = paged_gen or m.generator
+    ref = contiguous_gen or m.generator
     requests = generation.make_requests(cfg, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
     last, cache, *_ = ref.prefill(requests)
     b, width, num_pages = 4, 8, 32  # batch bucket of 3 prompts; 8 pages of 4 = 32 positions per row
@@ -55,7 +58,7 @@ def _paged_equals_contiguous(m, contiguous_gen=None):
         pool = jax.device_put(pool, gen.pool_shardings(pool))
     counts = jnp.zeros((b, cfg.padded_vocab_size), jnp.int32)
     paged_last, pool, counts, state, _, first = gen.prefill_paged(pool, counts, requests, [0, 1, 2], tables,
-                                                                  [0, 0, 0], [[], [], []])
+                                                                  [0, 0, 0], [[]] * 3)
     assert _rel(paged_last[:3], last[:3]) <= 1e-5
     assert list(np.asarray(first)[:3]) == list(np.asarray(last[:3]).argmax(-1))
     assert list(state.positions[:3]) == [len(p) for p in PROMPTS]  # where each first token goes
@@ -63,11 +66,19 @@ def _paged_equals_contiguous(m, contiguous_gen=None):
     table[:3] = tables
     positions = np.array([len(p) for p in PROMPTS] + [-1], np.int32)
     tokens = np.asarray(last).argmax(-1).astype(np.int32)
+    # Blocks of 3 pages (12 positions): row 1's 14-token prompt spans two, and its last block has −1
+    # pages; the rows' pages a decode of NEW steps reaches, listed out of row order, and 3 padding blocks.
+    reach = {r: list(tables[r, :pages_for(len(PROMPTS[r]) + NEW, PAGE)]) for r in (2, 0, 1)}
+    blocks = block_list(reach, 3, PAGE, b, 8)
+    assert (blocks.rows == b).sum() == 3 and (blocks.pages == -1).any()
     paged = with_table(pool, table)
+    by_blocks = with_table(jax.tree.map(jnp.copy, pool), table, blocks)
     for step in range(NEW):
         logits, cache = ref.step_logits(ref.params, cache, tokens, positions)
         paged_logits, paged = gen.step_logits(gen.params, paged, tokens, positions)
+        block_logits, by_blocks = gen.step_logits(gen.params, by_blocks, tokens, positions)
         assert _rel(paged_logits[:3], logits[:3]) <= 1e-5, f"step {step}"
+        assert _rel(block_logits[:3], logits[:3]) <= 1e-5, f"step {step} (blocks)"
         tokens = np.asarray(logits).argmax(-1).astype(np.int32)
         positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
 
@@ -77,13 +88,15 @@ def test_paged_decode_equals_contiguous_decode(model):
 
 
 def test_decode_write_orders_agree(model):
-    """Paged decode writing each step's keys before attention reads them (CPU, GPU) equals contiguous
-    decode reading the cache as it was and the new keys apart (TPU's order)."""
+    """Decode writing each step's keys before attention reads them (CPU, GPU) equals decode reading the
+    cache as it was and the new keys apart (TPU's order): paged in one order against contiguous in the
+    other, both ways round."""
     gen = model.generator
     assert gen.backend.decode_writes_first
     read_first = generation.Generator(model.config, gen.params, gen.dtype,
                                       dataclasses.replace(gen.backend, decode_writes_first=False))
     _paged_equals_contiguous(model, contiguous_gen=read_first)
+    _paged_equals_contiguous(model, paged_gen=read_first)
 
 
 @pytest.mark.slow

@@ -2,15 +2,25 @@
 
     pool    latent [(L,) P, page, kv_lora_rank], k_rope [(L,) P, page, qk_rope_head_dim]
     table   [B, n] int32: row b's i-th page holds its positions i·page .. (i+1)·page − 1 (−1: none yet)
+    blocks  (decode, optional) the rows' pages again as a flat list of key blocks (`Blocks`)
 
 A sequence then holds only the pages it has filled instead of a whole max-context row, and rows may
-share pages (a cached prompt prefix). Attention reads a row through its table as a contiguous
-[B, n·page, width] view (`PagedCache.layer`) and is otherwise unchanged: the view's slot s is
-position s, exactly like `LatentCache`. This gather is the plain reference; it materialises the view
-per layer (a fused kernel that reads pages in place is the fast path to come). Writes to a position
-whose page is −1 are dropped, so a stale or padded row can never touch another sequence's page.
+share pages (a cached prompt prefix). Writes go through the table; a write to a position whose page
+is −1 is dropped, so a stale or padded row can never touch another sequence's page.
 
-Which page a sequence gets is decided on the host (runtime/pages.py); this module only follows the table.
+Reads take one of two forms:
+  * through the table (`PagedCache.layer`): each row's pages gathered into a contiguous
+    [B, n·page, width] view whose slot s is position s, exactly like `LatentCache`. Prefill chunks
+    read this way (one row, its table cut to the chunk's end).
+  * through `blocks` (decode): block w is a run of `k` pages of one row, starting at position
+    starts[w]; attention scores each block against its row's queries and merges the blocks of a row
+    (model/latent_attention.py `attend_blocks`). A batch then reads the pages its rows hold,
+    rounded up to whole blocks, instead of every row as far as the longest: 8 rows of 400 tokens
+    and one of 4,000 read 7,000 positions, not 9 × 4,096 (or, as a table, all 16 slots' rows).
+
+Both gathers are XLA's; a kernel that reads the pages in place (as vLLM's and tpu-inference's ragged
+paged attention do) is not built. Which page a sequence gets, and the blocks of a decode call, are
+decided on the host (runtime/pages.py, runtime/scheduler.py); this module only follows them.
 """
 
 from __future__ import annotations
@@ -21,11 +31,21 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.config import Config
-from kimi_jax.model.attention import LatentCache
+from kimi_jax.model.attention import LatentCache, decode_mask
+from kimi_jax.model.latent_attention import BlockKeys
 from kimi_jax.model.weights import LAYER_GROUPS
 
 POOL_AXES = ("layers", "batch", None, None)  # [L, P, page, width]: pages split over the devices like the batch
 TABLE_AXES = ("batch", None)  # [B, n]
+BLOCK_AXES = (None,)  # the block list is not split: a block's row may live on any batch shard
+
+
+class Blocks(NamedTuple):
+    """A decode call's keys as a flat list of W blocks of k pages each (padding: row ≥ B, pages −1)."""
+
+    rows: jax.Array  # [W] int32: the batch row the block belongs to
+    pages: jax.Array  # [W, k] int32: its page ids in order (−1: none; the rest of the row's last block)
+    starts: jax.Array  # [W] int32: the position of its first slot
 
 
 class PagedCache(NamedTuple):
@@ -34,6 +54,7 @@ class PagedCache(NamedTuple):
     latent: jax.Array
     k_rope: jax.Array
     table: jax.Array | None
+    blocks: Blocks | None = None
 
     @property
     def page_size(self) -> int:
@@ -52,10 +73,29 @@ class PagedCache(NamedTuple):
 
         return LatentCache(view(self.latent), view(self.k_rope))
 
-    def keys(self, layer: jax.Array | None) -> tuple[LatentCache, None]:
-        """What decode attention reads for layer `layer`: its rows gathered through the page table, as one
-        layer's cache (a kernel that reads the pages in place is not built)."""
-        return self.layer(layer), None
+    def decode_keys(self, positions: jax.Array, layer: jax.Array | None, hide_written: bool = False):
+        """What decode attention reads for layer `layer`, as (keys, mask, None): with `blocks`, the blocks'
+        pages (`BlockKeys`, mask [W, T, k·page]); without, each row's pages gathered through the table
+        (mask [B, T, n·page]). `hide_written` masks the slots at `positions` [B, T] too (see
+        `attention.decode_mask`)."""
+        if self.blocks is None:
+            keys = self.layer(layer)
+            s = keys.latent.shape[-2]
+            slots = jnp.broadcast_to(jnp.arange(s), (positions.shape[0], s))
+            return keys, decode_mask(positions, slots, hide_written), None
+        rows, pages, starts = self.blocks
+        w, k = pages.shape
+        page_size = self.page_size
+
+        def view(pool):  # a −1 page reads page 0 (masked)
+            got = pool[jnp.maximum(pages, 0)] if layer is None else pool[layer, jnp.maximum(pages, 0)]
+            return got.reshape(w, k * page_size, got.shape[-1])  # (W, k·page, width)
+
+        q_pos = positions[jnp.minimum(rows, positions.shape[0] - 1)]  # (W, T)
+        k_pos = starts[:, None] + jnp.arange(k * page_size)  # (W, k·page)
+        on_page = jnp.repeat(pages >= 0, page_size, axis=1)  # a −1 page holds nothing
+        mask = decode_mask(q_pos, jnp.where(on_page, k_pos, -1), hide_written)
+        return BlockKeys(view(self.latent), view(self.k_rope), rows), mask, None
 
     def write(self, latent: jax.Array, k_rope: jax.Array, positions: jax.Array,
               layer: jax.Array | None = None) -> PagedCache:
@@ -85,13 +125,16 @@ def init_pages(cfg: Config, num_pages: int, page_size: int, dtype=jnp.bfloat16) 
     return pool
 
 
-def with_table(pool: dict[str, PagedCache], table: jax.Array | None) -> dict[str, PagedCache]:
-    """The pool with every group reading through `table` [B, n] (the same pages in every layer); None
-    drops it (the pool at rest, of one shape whatever the last call's table)."""
-    return {group: cache._replace(table=table) for group, cache in pool.items()}
+def with_table(pool: dict[str, PagedCache], table: jax.Array | None, blocks: Blocks | None = None
+               ) -> dict[str, PagedCache]:
+    """The pool with every group writing through `table` [B, n] and reading through it, or through
+    `blocks` when given (the same pages in every layer); None drops both (the pool at rest, of one
+    shape whatever the last call's)."""
+    return {group: cache._replace(table=table, blocks=blocks) for group, cache in pool.items()}
 
 
 def pool_axes(pool: dict[str, PagedCache]) -> dict[str, PagedCache]:
     """The logical axes of each leaf of `pool` (for the layout's shardings)."""
-    return {group: PagedCache(POOL_AXES, POOL_AXES, None if c.table is None else TABLE_AXES)
+    return {group: PagedCache(POOL_AXES, POOL_AXES, None if c.table is None else TABLE_AXES,
+                              None if c.blocks is None else Blocks(BLOCK_AXES, BLOCK_AXES + (None,), BLOCK_AXES))
             for group, c in pool.items()}

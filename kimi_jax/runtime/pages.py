@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kimi_jax.model.paged import Blocks
+
 KEY_BYTES = 16  # blake2b digest size: 128 bits, a collision is not a practical concern
 
 
@@ -152,3 +154,23 @@ class PagePool:
         for key, page in zip(page_keys(tokens[:written], self.page_size), pages):
             if key not in self._by_key and page not in self._key_of:
                 self._by_key[key], self._key_of[page] = page, key
+
+
+def block_list(held: dict[int, list[int]], pages_per_block: int, page_size: int, rows: int, width: int) -> Blocks:
+    """The `Blocks` of a decode call (host side): the pages each row in `held` (row -> its page ids in
+    position order) holds, in runs of `pages_per_block`, padded to `width` blocks with padding rows
+    (= `rows`, the batch, out of range)."""
+    out_rows, out_pages, out_starts = [], [], []
+    for row, pages in held.items():
+        for i in range(0, len(pages), pages_per_block):
+            run = pages[i:i + pages_per_block]
+            out_rows.append(row)
+            out_pages.append(run + [-1] * (pages_per_block - len(run)))
+            out_starts.append(i * page_size)
+    if len(out_rows) > width:
+        raise ValueError(f"{len(out_rows)} key blocks do not fit a block list of {width}")
+    pad = width - len(out_rows)
+    return Blocks(np.array(out_rows + [rows] * pad, np.int32),
+                  np.array(out_pages + [[-1] * pages_per_block] * pad, np.int32).reshape(width, pages_per_block),
+                  np.array(out_starts + [0] * pad, np.int32))
+

@@ -61,7 +61,7 @@ from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.constrained import SlotConstraints
 from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts, batch_bucket
 from kimi_jax.runtime.jobs import Job, Metrics, QueueFull, SchedulerStopped, TokenLogProb
-from kimi_jax.runtime.pages import PagePool, pages_for
+from kimi_jax.runtime.pages import PagePool, block_list, pages_for
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from kimi_jax.text.grammar import GrammarError, Grammars
 
@@ -73,6 +73,10 @@ PAGE_SIZE = 64
 # (BENCHMARKS.md "Paged cache": what a chunk costs the running streams' inter-token latency).
 PREFILL_CHUNK = 512
 MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own
+# Decode reads the rows' pages as blocks of this many positions (model/paged.py): a row pays at most
+# one block's padding, and a block's softmax statistics ([heads, kv_lora] f32) stay small beside its keys.
+BLOCK_POSITIONS = 256
+MIN_BLOCKS = 4  # the fewest blocks a decode call's list is padded to (then powers of two: few programs)
 class Scheduler:
     """Continuous batching over `generator` with `max_batch` slots of up to `max_context` positions each,
     and a pool of `num_pages` pages of `page_size` positions (default: enough for every slot to reach
@@ -491,10 +495,13 @@ class Scheduler:
         running = [s for s, j in enumerate(self._slots) if j is not None and s not in self._partial]
         jobs = [self._slots[s].request for s in running]
         wants = any(r.logprobs for r in jobs)
-        # The table is cut to the longest sequence's pages (bucketed): attention reads no further
-        # (a partial row sits the call out, and writes nothing).
-        width = self._table_width(max(len(self._held[s]) for s in running))
-        cache = with_table(self._pool, self._tables[:, :width])
+        # Attention reads each running row's own pages, as blocks (a partial row sits the call out, and
+        # writes nothing); writes go through the slots' tables.
+        k = max(1, BLOCK_POSITIONS // self.page_size)
+        count = sum(-(-len(self._held[s]) // k) for s in running)
+        blocks = block_list({s: self._held[s] for s in running}, k, self.page_size, len(self._slots),
+                            batch_bucket(max(count, MIN_BLOCKS)))
+        cache = with_table(self._pool, self._tables, blocks)
         cache, state, out, logprobs = self.generator.decode(
             cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
             adjusts(jobs), self._mask_source if self._constraints.active else None)  # masks: asked for every step
