@@ -21,6 +21,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=["capacity", "prefix", "itl"], action="append",
                    help="run only these scenarios (repeatable; default all)")
+    p.add_argument("--chunks", default="256,512,4096", metavar="N,N,...",
+                   help="the --prefill-chunk values the itl scenario runs (default 256,512,4096)")
     p.add_argument("server_flags", nargs="*", help="flags for every server (after --)")
     args = p.parse_args()
     only = args.only or ["capacity", "prefix", "itl"]
@@ -44,7 +46,7 @@ def main() -> None:
         print("\n| --prefill-chunk | median ITL before (ms) | p99 ITL while admitting (ms) | ratio "
               "| gaps before / during | admission ms |")
         print("|---|---|---|---|---|---|")
-        for chunk in (256, 512, 4096):
+        for chunk in (int(c) for c in args.chunks.split(",")):
             r = paged.itl(flags + ["--prefill-chunk", str(chunk)])
             print(f"| {chunk} | {r['median_itl_ms']} | {r['p99_itl_admitting_ms']} | {r['ratio']} "
                   f"| {r['gaps_before']} / {r['gaps_during']} | {r['admission_ms']} |", flush=True)

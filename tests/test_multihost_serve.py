@@ -51,6 +51,7 @@ def one():
     from kimi_jax.serve.cli import build_server, parse_args
 
     srv = build_server(parse_args(SERVE), load_default(mesh=MESH))
+    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))
     yield live
     live.close()

@@ -205,6 +205,43 @@ def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
     assert make_scheduler(parse_args([]), model.generator).pages.prefix_cache  # on by default
 
 
+def test_warm_up_builds_every_decode_program_before_ready(model):
+    """With warm_up the scheduler builds a decode program per block-list length (with and without logit
+    adjustments) before `ready`; requests of every length, one with a logit_bias, then compile no
+    decode program, their replies are those of a scheduler that compiles as it goes, and /metrics
+    says how many programs the warm-up built."""
+    g = model.generator
+    fresh = generation.Generator(model.config, g.params, g.dtype, g.backend)  # nothing compiled yet
+    kwargs = dict(max_batch=4, max_context=1024, page_size=64)  # blocks of 4 pages: up to 16 in a call
+    sched = Scheduler(fresh, warm_up=True, **kwargs).start()
+    assert sched.ready.wait(600)
+    assert sched.decode_block_buckets() == [4, 8, 16]
+    assert fresh.traces["decode"] == 6 == sched.metrics.warm_up_compilations
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 1000, n)) for n in (900, 600, 20, 300, 700, 5)]
+    requests = [_request(model, p, 12) for p in prompts]
+    requests[1] = dataclasses.replace(requests[1], sampling=SamplingParams(0.0, logit_bias=((7, 5.0),)))
+    outs = []
+    for r in requests:
+        out, sink = _collect()
+        sched.submit(r, sink)
+        outs.append(out)
+    for out in outs:
+        assert out["done"].wait(300)
+    sched.stop()
+    assert fresh.traces["decode"] == 6, "a decode program was compiled after the warm-up"
+    exported = dict(line.split() for line in prometheus_text(sched).splitlines() if not line.startswith("#"))
+    assert float(exported["kimi_jax_warm_up_compilations"]) == 6
+    assert float(exported["kimi_jax_compilations_total"]) > 6  # the prefill programs came after
+    plain = Scheduler(g, **kwargs).start()
+    for r, out in zip(requests, outs):
+        again, sink = _collect()
+        plain.submit(r, sink)
+        assert again["done"].wait(300)
+        assert again["tokens"] == out["tokens"]
+    plain.stop()
+
+
 def test_prefix_cache_evicts_under_pressure(model, alone):
     """A pool barely larger than one sequence: cached pages are evicted for new ones, and the replies stay."""
     got, sched = _serve(model, LONG + LONG, 20, max_batch=2, max_context=64, page_size=8, num_pages=9)

@@ -43,6 +43,7 @@ def server():
     scripted = ScriptedGenerator(model.generator, weather_script(model.tokenizer))
     srv = build_server(parse_args(["--max-batch", str(SLOTS), "--max-context", "512", "--max-prefill", "4"]), model,
                        scripted)
+    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))
     live.srv = srv
     yield live

@@ -173,6 +173,7 @@ def server():
     scripted = ScriptedGenerator(model.generator, weather_script(model.tokenizer))
     srv = build_server(parse_args(["--max-batch", "4", "--max-context", "512", "--max-body-bytes", str(4 << 20)]),
                        model, scripted)
+    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))
     live.srv = srv
     yield live

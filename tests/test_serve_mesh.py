@@ -20,6 +20,7 @@ def test_sharded_server_equals_generate():
     # float32: in bfloat16 the sharded model's rounding depends on the batch and cache shapes (which differ
     # between the server's slots and generate's buckets), enough to flip near-tied greedy picks.
     srv = build_server(parse_args(["--max-batch", "3", "--max-context", "128", "--mesh", mesh, "--dtype", "float32"]))
+    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     assert srv.scheduler.max_batch == 4  # rounded up to the data shards
     live = LiveServer(create_app(srv))
     prompts = [f"Hello {i}, the capital of France is" for i in range(3)]

@@ -29,6 +29,7 @@ def server():
 
     model = load_default()
     srv = build_server(parse_args(["--max-batch", "8", "--max-context", "256"]), model)
+    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))
     live.srv = srv
     yield live

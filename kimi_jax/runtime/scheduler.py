@@ -22,7 +22,15 @@ fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread 
        stopped: no token is lost, repeated or changed (greedy tokens equal an unpreempted run's);
     4. run one compiled decode call of `steps_per_call` steps over all slots (while a slot's reply is
        constrained by a grammar, each step asks the host for the rows' masks: runtime/constrained.py)
-       and block on its tokens; hand each job its new tokens.
+       and block on its tokens; hand each job its new tokens. Its attention reads the running rows'
+       pages as a list of blocks of BLOCK_POSITIONS positions (model/paged.py), whose length is
+       bucketed to a power of two: a call costs what its rows hold, not the batch × its longest row.
+
+With `warm_up` the thread first builds every decode program a request without logprobs or a grammar
+can need (one per block-list length, with and without logit adjustments; `decode_block_buckets`),
+and sets `ready` only then, so a running stream never waits for a decode compile. Requests
+submitted meanwhile wait in the queue. Prefill programs (prompt length, table width and batch
+buckets) and the logprobs and grammar variants of decode are still built on first use.
 
 Preemption (vLLM's "recompute") was chosen over reserving every request's worst case up front:
 a reservation of prompt + max_tokens would hold pages that most replies never fill, and the
@@ -93,7 +101,7 @@ class Scheduler:
                  max_prefill: int = 8, steps_per_call: int | None = None,
                  lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, page_size: int = PAGE_SIZE,
                  num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, warm_up: bool = False):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -124,6 +132,8 @@ class Scheduler:
         self._step = 0  # iterations run
         self.grammars = grammars
         self._finish_lock = threading.Lock()  # a lost follower fails jobs from the watchdog thread
+        self.warm_up = warm_up
+        self.ready = threading.Event()  # set once the model thread has warmed up and takes requests
 
     # Thread-safe API ----------------------------------------------------------------------------
     def submit(self, request: Request, sink) -> Job:
@@ -203,6 +213,11 @@ class Scheduler:
         self.lockstep.stop()
 
     @property
+    def compilations(self) -> int:
+        """Programs the generator has built (compiled, or loaded from the persistent compile cache)."""
+        return sum(self.generator.traces.values())
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
@@ -222,6 +237,9 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self._reset()
+            if self.warm_up:
+                self._warm_up()
+            self.ready.set()
             while True:
                 if self._apply(self._next_events()):
                     break
@@ -241,6 +259,36 @@ class Scheduler:
             for job in jobs:
                 self._finish(job, f"error: {type(e).__name__}: {e}")
             raise
+
+    def decode_block_buckets(self) -> list[int]:
+        """Every length a decode call's block list can have (`_decode`): powers of two from MIN_BLOCKS
+        to what every slot at max_context needs."""
+        most = self.max_batch * -(-self.pages_per_seq // self._pages_per_block)
+        sizes = [MIN_BLOCKS]
+        while sizes[-1] < most:
+            sizes.append(sizes[-1] * 2)
+        return sizes
+
+    @property
+    def _pages_per_block(self) -> int:
+        return max(1, BLOCK_POSITIONS // self.page_size)
+
+    def _warm_up(self) -> None:
+        """Compile (or load from the compile cache) the decode programs any request without logprobs or a
+        grammar can need, one per block-list length (`decode_block_buckets`) with and without logit
+        adjustments, so that a decode call never waits for a compile: run each on the idle slots (all
+        done, so the loop runs no step and the pool is unchanged)."""
+        started, before = time.perf_counter(), self.compilations
+        rows = jax.device_put(self._rows)
+        for width in self.decode_block_buckets():
+            blocks = block_list({}, self._pages_per_block, self.page_size, len(self._slots), width)
+            for adjust in (False, True):
+                cache, _, out, _ = self.generator.decode(with_table(self._pool, self._tables, blocks), self._state,
+                                                         rows, self.steps_per_call, None, adjust)
+                self._pool = with_table(cache, None)
+                np.asarray(out)  # blocks: one program at a time
+        self.metrics.warm_up_seconds = time.perf_counter() - started
+        self.metrics.warm_up_compilations = self.compilations - before
 
     def _next_events(self) -> list[dict]:
         """This iteration's events. Process 0 waits for work and takes what arrived; a follower
@@ -497,7 +545,7 @@ class Scheduler:
         wants = any(r.logprobs for r in jobs)
         # Attention reads each running row's own pages, as blocks (a partial row sits the call out, and
         # writes nothing); writes go through the slots' tables.
-        k = max(1, BLOCK_POSITIONS // self.page_size)
+        k = self._pages_per_block
         count = sum(-(-len(self._held[s]) // k) for s in running)
         blocks = block_list({s: self._held[s] for s in running}, k, self.page_size, len(self._slots),
                             batch_bucket(max(count, MIN_BLOCKS)))

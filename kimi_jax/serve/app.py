@@ -60,8 +60,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = server.scheduler.alive
-        return JSONResponse({"status": "ok" if ok else "model thread stopped"}, 200 if ok else 503)
+        scheduler = server.scheduler
+        if not scheduler.alive:
+            return JSONResponse({"status": "model thread stopped"}, 503)
+        if not scheduler.ready.is_set():  # requests are queued meanwhile, and served once it is
+            return JSONResponse({"status": "warming up"}, 503)
+        return JSONResponse({"status": "ok"}, 200)
 
     @app.get("/metrics")
     async def metrics():

@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the cached pages of a prompt prefix seen before (automatic prefix caching "
                         "is on by default)")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="take requests at once instead of first building every decode program a request "
+                        "without logprobs or a grammar can need (then a decode call may wait for a compile)")
     p.add_argument("--steps-per-call", type=flags.integer(1), default=None, metavar="K",
                    help="decode steps per compiled call (default: the generator's)")
     distributed.add_arguments(p)
@@ -113,7 +116,7 @@ def make_scheduler(args: argparse.Namespace, generator, tokenizer=None, lockstep
     return Scheduler(generator, max_batch=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
                      max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_,
                      page_size=args.page_size, num_pages=args.kv_pages, prefix_cache=args.prefix_cache,
-                     grammars=grammars, prefill_chunk=args.prefill_chunk)
+                     grammars=grammars, prefill_chunk=args.prefill_chunk, warm_up=args.warm_up)
 
 
 def _follower_before_joining(args: argparse.Namespace) -> tuple[int, int, str] | None:
