@@ -19,13 +19,13 @@ from kimi_jax.bench import paged
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["capacity", "prefix", "itl"], action="append",
+    p.add_argument("--only", choices=["capacity", "prefix", "itl", "calls"], action="append",
                    help="run only these scenarios (repeatable; default all)")
     p.add_argument("--chunks", default="256,512,4096", metavar="N,N,...",
                    help="the --prefill-chunk values the itl scenario runs (default 256,512,4096)")
     p.add_argument("server_flags", nargs="*", help="flags for every server (after --)")
     args = p.parse_args()
-    only = args.only or ["capacity", "prefix", "itl"]
+    only = args.only or ["capacity", "prefix", "itl", "calls"]
     flags = args.server_flags
     print(f"# {' '.join(['python', *sys.argv])} on {platform.node()} ({platform.processor() or platform.machine()})")
     if "capacity" in only:
@@ -42,6 +42,11 @@ def main() -> None:
             r = paged.prefix(flags + extra)
             print(f"| {name} | {', '.join(map(str, r['ttft_ms']))} | {r['later_over_first']} | {r['hit_rate']} |",
                   flush=True)
+    if "calls" in only:
+        print("\n| one call (embedded model, fp32) | ms |")
+        print("|---|---|")
+        for name, ms in paged.calls().items():
+            print(f"| {name} | {ms} |", flush=True)
     if "itl" in only:
         print("\n| --prefill-chunk | median ITL before (ms) | p99 ITL while admitting (ms) | ratio "
               "| gaps before / during | admission ms |")

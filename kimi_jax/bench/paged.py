@@ -19,6 +19,11 @@ the configurations a scenario compares run one after the other in the same invoc
   admission (sent -> its first token), with `--prefill-chunk` 256, 512 (the default) and 4096 (one
   chunk for the whole prompt: how the server prefilled before chunking); the prefix cache is off,
   so the long prompt is computed whole.
+- calls (in-process, no server): one compiled call timed alone, median of 5 after a warm-up call.
+  A decode call of 8 steps over 16 slots with 8 rows of 400 tokens, with and without a 9th of 4,000,
+  its attention reading through the page table (every slot as far as the longest row, the width
+  bucketed) and as the scheduler reads it, through blocks of the rows' own pages; and a prefill
+  chunk of 256 tokens after 0 / 768 / 1,792 / 3,584 cached positions.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ import httpx
 import numpy as np
 
 from kimi_jax.bench.serve import chat_chunks
+from kimi_jax.model.paged import init_pages, with_table
+from kimi_jax.runtime import generation
+from kimi_jax.runtime.default_model import load_default
+from kimi_jax.runtime.pages import block_list, pages_for
+from kimi_jax.runtime.scheduler import BLOCK_POSITIONS, MIN_BLOCKS, MIN_TABLE_POSITIONS
 
 MODEL = "kimi-k2-instruct"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -245,3 +255,70 @@ def itl(flags: list[str], streams: int = 8, long_tokens: int = 4000, baseline_s:
     return {"median_itl_ms": round(median * 1e3, 1), "p99_itl_admitting_ms": round(p99 * 1e3, 1),
             "ratio": round(p99 / median, 2), "gaps_before": len(before), "gaps_during": len(during),
             "admission_ms": round((admitted - arrived) * 1e3, 1)}
+
+
+def _median_ms(call, repeats: int = 5) -> float:
+    call()  # compiles
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1e3, 1)
+
+
+def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
+    """The `calls` scenario (module docstring) on the embedded model in fp32 -> {name: ms}."""
+    model = load_default()
+    cfg, gen = model.config, model.generator
+    state = {"pool": init_pages(cfg, num_pages, page_size, model.dtype)}
+    requests = generation.make_requests(cfg, [[5]] * slots, max_new_tokens=cfg.max_position_embeddings - 1,
+                                        temperature=0)
+    rows = generation._rows(requests, slots)
+    out = {}
+
+    def decode(lengths: list[int], read: str) -> float:
+        held, first = {}, 0
+        for row, n in enumerate(lengths):
+            count = pages_for(n + gen.steps_per_call, page_size)
+            held[row], first = list(range(first, first + count)), first + count
+        table = np.full((slots, pages_for(cfg.max_position_embeddings, page_size)), -1, np.int32)
+        for row, pages in held.items():
+            table[row, :len(pages)] = pages
+        k = max(1, BLOCK_POSITIONS // page_size)
+        blocks = None
+        if read == "blocks":
+            count = sum(-(-len(p) // k) for p in held.values())
+            blocks = block_list(held, k, page_size, slots, generation.batch_bucket(max(count, MIN_BLOCKS)))
+        else:
+            longest = max(map(len, held.values()))
+            table = table[:, :generation.batch_bucket(max(longest, MIN_TABLE_POSITIONS // page_size))]
+        positions = np.array(lengths + [0] * (slots - len(lengths)), np.int32)
+        done = np.arange(slots) >= len(lengths)
+
+        def call():
+            start = generation.DecodeState(np.zeros(slots, np.int32), positions.copy(), np.zeros(slots, np.int32),
+                                           done.copy(), np.zeros((slots, cfg.padded_vocab_size), np.int32))
+            cache, _, tokens, _ = gen.decode(with_table(state["pool"], table, blocks), start, rows)
+            np.asarray(tokens)
+            state["pool"] = with_table(cache, None)
+        return _median_ms(call)
+
+    for name, lengths in (("8 x 400", [400] * 8), ("8 x 400 + 4000", [400] * 8 + [4000])):
+        for read in ("table", "blocks"):
+            out[f"decode {name}, {read}"] = decode(lengths, read)
+    counts = np.zeros((slots, cfg.padded_vocab_size), np.int32)
+    for start in (0, 768, 1792, 3584):
+        end = start + 256
+        width = generation.batch_bucket(max(pages_for(end, page_size), MIN_TABLE_POSITIONS // page_size))
+        table = np.full((1, width), -1, np.int32)
+        table[0, :pages_for(end, page_size)] = np.arange(pages_for(end, page_size))
+        request = generation.make_requests(cfg, [list(np.arange(end) % 1000 + 3)], max_new_tokens=4, temperature=0)
+
+        def chunk(request=request, table=table, start=start, end=end):
+            nonlocal counts
+            _, state["pool"], counts, *_, first = gen.prefill_paged(state["pool"], counts, request, [0], table,
+                                                                    [start], [[]], None, [end])
+            np.asarray(first)
+        out[f"chunk of 256 after {start}"] = _median_ms(chunk)
+    return out

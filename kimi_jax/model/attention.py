@@ -179,7 +179,8 @@ def _expanded(q_nope, q_rope, keys: LatentCache, mask, w_uk, w_uv, scale):
     W_uk and W_uv side by side (as `einsum("bsc,hnc->bshn")` it took 8× as long), each head's query
     meets one key of [k_nope | k_rope] (one product, not two summed), heads lead the scores, and the
     softmax's normalisation divides the [B, H, T, v] result, not the [B, H, T, S] weights. A 256-token
-    chunk over 4,096 cached positions of the embedded model: 40 ms a layer against 77 written plainly.
+    prefill chunk after 3,584 cached positions of the embedded model (3 layers, CPU): 85 ms against
+    226 ms written plainly (BENCHMARKS.md "Paged cache").
     """
     b, s, c = keys.latent.shape
     h, nope = w_uk.shape[:2]
