@@ -1,8 +1,17 @@
 """The host-side page allocator and prefix index (runtime/pages.py): plain Python, no model."""
 
+import numpy as np
 import pytest
 
-from kimi_jax.runtime.pages import PagePool, PagesExhausted, page_keys, pages_for
+from kimi_jax.runtime.pages import (
+    PagePool,
+    PagesExhausted,
+    block_buckets,
+    decode_blocks,
+    page_keys,
+    pages_for,
+    table_width,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +91,30 @@ def test_off_registers_nothing():
     assert pool.match([1, 2, 3]) == [] and pool.free == 2
     with pytest.raises(ValueError, match="holds no registered prefix"):
         pool.acquire(page)
+
+
+def test_decode_blocks_list_each_rows_pages_in_runs():
+    """Pages of 64 positions in blocks of 4 pages (256 positions): row 0's 5 pages are two blocks (the
+    second padded with −1), row 2's one page a third; the list is padded to 4 with out-of-range rows."""
+    blocks = decode_blocks({0: [10, 11, 12, 13, 14], 2: [7]}, page_size=64, rows=3)
+    assert blocks.rows.tolist() == [0, 0, 2, 3]
+    assert blocks.pages.tolist() == [[10, 11, 12, 13], [14, -1, -1, -1], [7, -1, -1, -1], [-1] * 4]
+    assert blocks.starts.tolist() == [0, 256, 0, 0]
+
+
+def test_every_decode_block_list_length_is_a_warm_up_bucket():
+    """Whatever the rows hold (up to a whole sequence each), the list's length is one of block_buckets,
+    the programs the scheduler's warm-up builds."""
+    rng = np.random.default_rng(0)
+    buckets = block_buckets(rows=4, pages_per_seq=16, page_size=64)
+    assert buckets == [4, 8, 16]
+    for _ in range(200):
+        held = {r: list(range(int(rng.integers(0, 17)))) for r in range(4) if rng.random() < 0.8}
+        assert len(decode_blocks(held, 64, 4).rows) in buckets
+    assert block_buckets(rows=2, pages_per_seq=100, page_size=16) == [4, 8, 16]  # 7 blocks of 16 pages a row
+
+
+def test_table_width_is_bucketed_and_capped():
+    assert table_width(1, page_size=64, pages_per_seq=64) == 16  # at least 1,024 positions
+    assert table_width(17, page_size=64, pages_per_seq=64) == 32
+    assert table_width(40, page_size=64, pages_per_seq=48) == 48  # never past a whole sequence

@@ -44,8 +44,7 @@ from kimi_jax.bench.serve import chat_chunks
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import generation
 from kimi_jax.runtime.default_model import load_default
-from kimi_jax.runtime.pages import block_list, pages_for
-from kimi_jax.runtime.scheduler import BLOCK_POSITIONS, MIN_BLOCKS, MIN_TABLE_POSITIONS
+from kimi_jax.runtime.pages import decode_blocks, pages_for, table_width
 
 MODEL = "kimi-k2-instruct"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -274,7 +273,7 @@ def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
     state = {"pool": init_pages(cfg, num_pages, page_size, model.dtype)}
     requests = generation.make_requests(cfg, [[5]] * slots, max_new_tokens=cfg.max_position_embeddings - 1,
                                         temperature=0)
-    rows = generation._rows(requests, slots)
+    rows = generation.request_rows(requests, slots)
     out = {}
 
     def decode(lengths: list[int], read: str) -> float:
@@ -285,14 +284,11 @@ def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
         table = np.full((slots, pages_for(cfg.max_position_embeddings, page_size)), -1, np.int32)
         for row, pages in held.items():
             table[row, :len(pages)] = pages
-        k = max(1, BLOCK_POSITIONS // page_size)
         blocks = None
-        if read == "blocks":
-            count = sum(-(-len(p) // k) for p in held.values())
-            blocks = block_list(held, k, page_size, slots, generation.batch_bucket(max(count, MIN_BLOCKS)))
-        else:
-            longest = max(map(len, held.values()))
-            table = table[:, :generation.batch_bucket(max(longest, MIN_TABLE_POSITIONS // page_size))]
+        if read == "blocks":  # as the scheduler reads
+            blocks = decode_blocks(held, page_size, slots)
+        else:  # how it read before blocks: the table cut to the longest row (bucketed)
+            table = table[:, :table_width(max(map(len, held.values())), page_size, table.shape[1])]
         positions = np.array(lengths + [0] * (slots - len(lengths)), np.int32)
         done = np.arange(slots) >= len(lengths)
 
@@ -310,8 +306,8 @@ def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
     counts = np.zeros((slots, cfg.padded_vocab_size), np.int32)
     for start in (0, 768, 1792, 3584):
         end = start + 256
-        width = generation.batch_bucket(max(pages_for(end, page_size), MIN_TABLE_POSITIONS // page_size))
-        table = np.full((1, width), -1, np.int32)
+        whole = pages_for(cfg.max_position_embeddings, page_size)
+        table = np.full((1, table_width(pages_for(end, page_size), page_size, whole)), -1, np.int32)
         table[0, :pages_for(end, page_size)] = np.arange(pages_for(end, page_size))
         request = generation.make_requests(cfg, [list(np.arange(end) % 1000 + 3)], max_new_tokens=4, temperature=0)
 

@@ -224,7 +224,7 @@ class DecodeState(NamedTuple):
     counts: jax.Array  # [B, V] int32: times each token was generated (the penalties' c[j])
 
 
-def _rows(requests: list[Request], batch: int, n_stop: int | None = None, n_bias: int | None = None) -> Rows:
+def request_rows(requests: list[Request], batch: int, n_stop: int | None = None, n_bias: int | None = None) -> Rows:
     """Host arrays of the requests' settings, padded to `batch` rows (padding rows are inert).
     The stop-id and logit-bias columns are bucketed (few programs) unless given."""
     n_stop = n_stop or batch_bucket(max(4, *(len(r.stop_ids) for r in requests)))
@@ -455,7 +455,7 @@ class Generator:
         gather = np.array([index[r.prompt] for r in requests] + [0] * (b - len(requests)), np.int32)
         row_lengths = np.array([len(r.prompt) for r in requests] + [0] * (b - len(requests)), np.int32)
         shared = len(prompts) < len(requests)
-        rows = jax.device_put(_rows(requests, b))  # sent once, reused by every decode call
+        rows = jax.device_put(request_rows(requests, b))  # sent once, reused by every decode call
         if allowed is not None:
             allowed = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
         logits, small, state, first = self._prefill(self.params, tokens, lengths, gather if shared else None,
@@ -510,7 +510,7 @@ class Generator:
         generated, at = np.zeros(b, np.int32), np.full(b, counts.shape[0], np.int32)  # padding: out of range
         for k, h in enumerate(histories):
             history[k, :len(h)], generated[k], at[k] = h, len(h), slots[k]
-        rows = jax.device_put(_rows(requests, b))
+        rows = jax.device_put(request_rows(requests, b))
         if allowed is not None:
             allowed = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
         logits, pool, counts, state, first = self._prefill_paged(self.params, pool, counts, tokens, positions, table,

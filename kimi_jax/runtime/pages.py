@@ -24,8 +24,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from kimi_jax.model.paged import Blocks
+from kimi_jax.runtime.generation import batch_bucket
 
 KEY_BYTES = 16  # blake2b digest size: 128 bits, a collision is not a practical concern
+MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own
+# Decode reads the rows' pages as blocks of this many positions (model/paged.py): a row pays at most
+# one block's padding, and a block's softmax statistics ([heads, kv_lora] f32) stay small beside its keys.
+BLOCK_POSITIONS = 256
+MIN_BLOCKS = 4  # the fewest blocks a decode call's list is padded to (then powers of two: few programs)
 
 
 class PagesExhausted(RuntimeError):
@@ -156,10 +162,39 @@ class PagePool:
                 self._by_key[key], self._key_of[page] = page, key
 
 
+def table_width(pages: int, page_size: int, pages_per_seq: int) -> int:
+    """Page-table columns for a call whose longest row holds `pages` pages: a power of two (few
+    programs) of at least MIN_TABLE_POSITIONS positions, and at most a whole sequence's table, so
+    attention reads about as far as the longest row might use and no further."""
+    return min(batch_bucket(max(pages, MIN_TABLE_POSITIONS // page_size, 1)), pages_per_seq)
+
+
+def pages_per_block(page_size: int) -> int:
+    """Pages in one decode key block (BLOCK_POSITIONS positions, at least one page)."""
+    return max(1, BLOCK_POSITIONS // page_size)
+
+
+def block_buckets(rows: int, pages_per_seq: int, page_size: int) -> list[int]:
+    """Every length `decode_blocks` can give a batch of `rows` rows of at most `pages_per_seq` pages:
+    the powers of two from MIN_BLOCKS to what every row at full length needs."""
+    most = rows * -(-pages_per_seq // pages_per_block(page_size))
+    sizes = [MIN_BLOCKS]
+    while sizes[-1] < most:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def decode_blocks(held: dict[int, list[int]], page_size: int, rows: int) -> Blocks:
+    """The `Blocks` a decode call reads: the pages each row in `held` (row -> its page ids in position
+    order) holds, in blocks of `pages_per_block`, the list's length bucketed (`block_buckets`)."""
+    k = pages_per_block(page_size)
+    count = sum(-(-len(pages) // k) for pages in held.values())
+    return block_list(held, k, page_size, rows, batch_bucket(max(count, MIN_BLOCKS)))
+
+
 def block_list(held: dict[int, list[int]], pages_per_block: int, page_size: int, rows: int, width: int) -> Blocks:
-    """The `Blocks` of a decode call (host side): the pages each row in `held` (row -> its page ids in
-    position order) holds, in runs of `pages_per_block`, padded to `width` blocks with padding rows
-    (= `rows`, the batch, out of range)."""
+    """`held`'s pages in runs of `pages_per_block` as `Blocks`, padded to `width` blocks with padding
+    rows (= `rows`, the batch: out of range)."""
     out_rows, out_pages, out_starts = [], [], []
     for row, pages in held.items():
         for i in range(0, len(pages), pages_per_block):
@@ -173,4 +208,3 @@ def block_list(held: dict[int, list[int]], pages_per_block: int, page_size: int,
     return Blocks(np.array(out_rows + [rows] * pad, np.int32),
                   np.array(out_pages + [[-1] * pages_per_block] * pad, np.int32).reshape(width, pages_per_block),
                   np.array(out_starts + [0] * pad, np.int32))
-

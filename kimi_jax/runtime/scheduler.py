@@ -23,7 +23,7 @@ fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread 
     4. run one compiled decode call of `steps_per_call` steps over all slots (while a slot's reply is
        constrained by a grammar, each step asks the host for the rows' masks: runtime/constrained.py)
        and block on its tokens; hand each job its new tokens. Its attention reads the running rows'
-       pages as a list of blocks of BLOCK_POSITIONS positions (model/paged.py), whose length is
+       pages as a list of blocks of pages.BLOCK_POSITIONS positions (model/paged.py), whose length is
        bucketed to a power of two: a call costs what its rows hold, not the batch × its longest row.
 
 With `warm_up` the thread first builds every decode program a request without logprobs or a grammar
@@ -67,9 +67,17 @@ import numpy as np
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.constrained import SlotConstraints
-from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts, batch_bucket
+from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
 from kimi_jax.runtime.jobs import Job, Metrics, QueueFull, SchedulerStopped, TokenLogProb
-from kimi_jax.runtime.pages import PagePool, block_list, pages_for
+from kimi_jax.runtime.pages import (
+    PagePool,
+    block_buckets,
+    block_list,
+    decode_blocks,
+    pages_for,
+    pages_per_block,
+    table_width,
+)
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from kimi_jax.text.grammar import GrammarError, Grammars
 
@@ -80,11 +88,6 @@ PAGE_SIZE = 64
 # Prefill tokens per scheduler iteration: a longer prompt is prefilled in chunks between decode calls
 # (BENCHMARKS.md "Paged cache": what a chunk costs the running streams' inter-token latency).
 PREFILL_CHUNK = 512
-MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own
-# Decode reads the rows' pages as blocks of this many positions (model/paged.py): a row pays at most
-# one block's padding, and a block's softmax statistics ([heads, kv_lora] f32) stay small beside its keys.
-BLOCK_POSITIONS = 256
-MIN_BLOCKS = 4  # the fewest blocks a decode call's list is padded to (then powers of two: few programs)
 class Scheduler:
     """Continuous batching over `generator` with `max_batch` slots of up to `max_context` positions each,
     and a pool of `num_pages` pages of `page_size` positions (default: enough for every slot to reach
@@ -261,17 +264,8 @@ class Scheduler:
             raise
 
     def decode_block_buckets(self) -> list[int]:
-        """Every length a decode call's block list can have (`_decode`): powers of two from MIN_BLOCKS
-        to what every slot at max_context needs."""
-        most = self.max_batch * -(-self.pages_per_seq // self._pages_per_block)
-        sizes = [MIN_BLOCKS]
-        while sizes[-1] < most:
-            sizes.append(sizes[-1] * 2)
-        return sizes
-
-    @property
-    def _pages_per_block(self) -> int:
-        return max(1, BLOCK_POSITIONS // self.page_size)
+        """Every length a decode call's block list can have (`pages.block_buckets`)."""
+        return block_buckets(self.max_batch, self.pages_per_seq, self.page_size)
 
     def _warm_up(self) -> None:
         """Compile (or load from the compile cache) the decode programs any request without logprobs or a
@@ -281,7 +275,7 @@ class Scheduler:
         started, before = time.perf_counter(), self.compilations
         rows = jax.device_put(self._rows)
         for width in self.decode_block_buckets():
-            blocks = block_list({}, self._pages_per_block, self.page_size, len(self._slots), width)
+            blocks = block_list({}, pages_per_block(self.page_size), self.page_size, len(self._slots), width)
             for adjust in (False, True):
                 cache, _, out, _ = self.generator.decode(with_table(self._pool, self._tables, blocks), self._state,
                                                          rows, self.steps_per_call, None, adjust)
@@ -440,7 +434,7 @@ class Scheduler:
         jobs, slots = [c.job for c in picked], [c.slot for c in picked]
         # The table reaches the chunk's end (bucketed): a chunk's attention costs what precedes it, not
         # the whole prompt's pages.
-        width = self._table_width(max(pages_for(c.end, self.page_size) for c in picked))
+        width = table_width(max(pages_for(c.end, self.page_size) for c in picked), self.page_size, self.pages_per_seq)
         tables = np.full((len(picked), width), -1, np.int32)
         for k, c in enumerate(picked):
             tables[k, :min(len(c.pages), width)] = c.pages[:width]
@@ -487,12 +481,6 @@ class Scheduler:
         computed = {(_sequence(c.job), c.start): c.end - c.start for c in picked}
         m.prefill_tokens += sum(computed.values())
         return sum(computed.values())
-
-    def _table_width(self, pages: int) -> int:
-        """Page-table columns for a call whose longest row holds `pages` pages: a power of two (few
-        programs) of at least MIN_TABLE_POSITIONS positions, so attention reads about as far as the
-        longest sequence might use and no further (at 128K context: 8 decode programs, not 2048 pages)."""
-        return min(batch_bucket(max(pages, MIN_TABLE_POSITIONS // self.page_size, 1)), self.pages_per_seq)
 
     def _grow(self) -> None:
         """Give each running sequence, oldest first, the pages its next decode call may write;
@@ -545,10 +533,7 @@ class Scheduler:
         wants = any(r.logprobs for r in jobs)
         # Attention reads each running row's own pages, as blocks (a partial row sits the call out, and
         # writes nothing); writes go through the slots' tables.
-        k = self._pages_per_block
-        count = sum(-(-len(self._held[s]) // k) for s in running)
-        blocks = block_list({s: self._held[s] for s in running}, k, self.page_size, len(self._slots),
-                            batch_bucket(max(count, MIN_BLOCKS)))
+        blocks = decode_blocks({s: self._held[s] for s in running}, self.page_size, len(self._slots))
         cache = with_table(self._pool, self._tables, blocks)
         cache, state, out, logprobs = self.generator.decode(
             cache, self._state, self._rows_device, self.steps_per_call, TOP_LOGPROBS if wants else None,
