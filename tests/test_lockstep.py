@@ -72,6 +72,23 @@ def _pair(model, store, timeout_s=30.0, **kwargs):
     return lead.start(), follower, thread
 
 
+def test_process_0_is_ready_only_once_every_follower_is():
+    """`ready` on process 0 returns only after each follower's (their warm-up may take longer), and at
+    once when a follower is lost instead."""
+    store = MemoryStore()
+    lead = lockstep.Lockstep(store, 0, 3, heartbeat_s=0.05)
+    returned = threading.Event()
+    waiter = threading.Thread(target=lambda: (lead.ready(), returned.set()), daemon=True)
+    waiter.start()
+    lockstep.Lockstep(store, 2, 3).ready()
+    assert not returned.wait(1.5)  # process 1 has not said it is ready
+    lockstep.Lockstep(store, 1, 3).ready()
+    assert returned.wait(5)
+    lost = lockstep.Lockstep(MemoryStore(), 0, 2)
+    lost.lost = "process 1 of 2 stopped answering"
+    lost.ready()  # returns: there is no one left to wait for
+
+
 def test_leader_and_follower_run_the_same_iterations(model):
     store = MemoryStore()
     lead, follower, thread = _pair(model, store, max_batch=4, max_context=128)

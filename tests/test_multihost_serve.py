@@ -50,7 +50,7 @@ def one():
     from kimi_jax.serve.app import create_app
     from kimi_jax.serve.cli import build_server, parse_args
 
-    srv = build_server(parse_args(SERVE), load_default(mesh=MESH))
+    srv = build_server(parse_args([*SERVE, "--no-warm-up"]), load_default(mesh=MESH))
     assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))
     yield live
@@ -188,7 +188,7 @@ def test_a_vocabulary_tensor_does_not_divide_serves_transformers_tokens(tmp_path
 
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = TwoProcesses(logs, "--checkpoint", str(ckpt), "--dtype", "float32")
+    server = TwoProcesses(logs, "--checkpoint", str(ckpt), "--dtype", "float32", "--no-warm-up")
     try:
         body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0}
         reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=300).json()
@@ -205,7 +205,7 @@ def test_sigterm_of_process_0_ends_both(two):
 
 
 def test_a_process_that_loses_process_0_exits_naming_the_coordinator(tmp_path):
-    server = TwoProcesses(tmp_path)
+    server = TwoProcesses(tmp_path, "--no-warm-up")  # warm-up across processes: the `two` fixture
     try:
         server.procs[0].kill()
         codes = server.wait(60)
@@ -218,7 +218,7 @@ def test_a_process_that_loses_process_0_exits_naming_the_coordinator(tmp_path):
 
 
 def test_sigkill_of_process_1_fails_the_stream_and_health(tmp_path):
-    server = TwoProcesses(tmp_path)
+    server = TwoProcesses(tmp_path, "--no-warm-up")  # warm-up across processes: the `two` fixture
     try:
         body = {**endless(MODEL, "Count:", 480, _stop_tokens()), "stream": True}
         lines = []

@@ -212,13 +212,13 @@ def test_warm_up_builds_every_decode_program_before_ready(model):
     says how many programs the warm-up built."""
     g = model.generator
     fresh = generation.Generator(model.config, g.params, g.dtype, g.backend)  # nothing compiled yet
-    kwargs = dict(max_batch=4, max_context=1024, page_size=64)  # blocks of 4 pages: up to 16 in a call
+    kwargs = dict(max_batch=2, max_context=1024, page_size=64)  # blocks of 4 pages: up to 8 in a call
     sched = Scheduler(fresh, warm_up=True, **kwargs).start()
     assert sched.ready.wait(600)
-    assert sched.decode_block_buckets() == [4, 8, 16]
-    assert fresh.traces["decode"] == 6 == sched.metrics.warm_up_compilations
+    assert sched.decode_block_buckets() == [4, 8]
+    assert fresh.traces["decode"] == 4 == sched.metrics.warm_up_compilations
     rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, 1000, n)) for n in (900, 600, 20, 300, 700, 5)]
+    prompts = [list(rng.integers(3, 1000, n)) for n in (900, 600, 20, 300)]  # 4 + 3 blocks at once: 8
     requests = [_request(model, p, 12) for p in prompts]
     requests[1] = dataclasses.replace(requests[1], sampling=SamplingParams(0.0, logit_bias=((7, 5.0),)))
     outs = []
@@ -229,10 +229,10 @@ def test_warm_up_builds_every_decode_program_before_ready(model):
     for out in outs:
         assert out["done"].wait(300)
     sched.stop()
-    assert fresh.traces["decode"] == 6, "a decode program was compiled after the warm-up"
+    assert fresh.traces["decode"] == 4, "a decode program was compiled after the warm-up"
     exported = dict(line.split() for line in prometheus_text(sched).splitlines() if not line.startswith("#"))
-    assert float(exported["kimi_jax_warm_up_compilations"]) == 6
-    assert float(exported["kimi_jax_compilations_total"]) > 6  # the prefill programs came after
+    assert float(exported["kimi_jax_warm_up_compilations"]) == 4
+    assert float(exported["kimi_jax_compilations_total"]) > 4  # the prefill programs came after
     plain = Scheduler(g, **kwargs).start()
     for r, out in zip(requests, outs):
         again, sink = _collect()

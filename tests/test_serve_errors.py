@@ -90,7 +90,7 @@ ANTHROPIC_CASES = [
 def served(tmp_path_factory):
     """`python -m kimi_jax.serve` on a free port (embedded model, 2 slots); yields (url, stderr path)."""
     logs = tmp_path_factory.mktemp("serve-errors")
-    with serve_subprocess(["--max-batch", "2", "--max-context", "256"], logs) as url:
+    with serve_subprocess(["--max-batch", "2", "--max-context", "256", "--no-warm-up"], logs) as url:
         yield url, logs / "stderr"
 
 

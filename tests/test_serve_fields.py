@@ -171,7 +171,7 @@ def server():
 
     model = load_default()
     scripted = ScriptedGenerator(model.generator, weather_script(model.tokenizer))
-    srv = build_server(parse_args(["--max-batch", "4", "--max-context", "512", "--max-body-bytes", str(4 << 20)]),
+    srv = build_server(parse_args(["--max-batch", "4", "--max-context", "512", "--max-body-bytes", str(4 << 20), "--no-warm-up"]),
                        model, scripted)
     assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))

@@ -63,6 +63,9 @@ class Solo:
     def finished(self, step: int, active: int) -> None:
         pass
 
+    def ready(self) -> None:
+        pass
+
     def processes(self) -> dict[int, tuple[int, int]]:
         return {}
 
@@ -87,6 +90,7 @@ class Lockstep:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_lost: list[Callable[[str], None]] = []  # process 0: called (once) with why a follower is lost
+        self.lost: str | None = None  # process 0: why a follower was lost (once it was)
         self.publish_seconds = 0.0  # time spent writing events (process 0), for /metrics
 
     @classmethod
@@ -121,6 +125,24 @@ class Lockstep:
         """This process has run iteration `step` and holds `active` jobs in its slots (followers report
         both in their heartbeat)."""
         self._done, self._active = step, active
+
+    def ready(self) -> None:
+        """This process has built its programs (the scheduler's warm-up) and is about to run iteration 0.
+        A follower says so; process 0 waits until every follower has (or one is lost). Without it,
+        process 0 would finish its warm-up first (its programs run no step, so no collective holds it
+        back) and its first prefill's collective would wait on a follower still compiling, past the
+        CPU collectives' timeout."""
+        if not self.leader:
+            self.client.key_value_set(f"{PREFIX}/ready/{self.process_id}", "1")
+            return
+        for p in range(1, self.num_processes):
+            while self.lost is None and not self._stop.is_set():
+                try:
+                    self.client.blocking_key_value_get(f"{PREFIX}/ready/{p}", POLL_MS)
+                    break
+                except Exception as e:  # a timeout: not yet
+                    if "DEADLINE_EXCEEDED" not in str(e):
+                        raise
 
     def processes(self) -> dict[int, tuple[int, int]]:
         """Process 0: each follower's (last iteration run, slots in use), from its last heartbeat."""
@@ -169,6 +191,7 @@ class Lockstep:
                            f"{now - seen[p][1]:.0f} s; --worker-timeout {self.timeout_s:g}): the model spans every "
                            "process, so this server cannot go on; restart all processes")
                     print(f"[kimi_jax] error: {why}", file=sys.stderr, flush=True)
+                    self.lost = why
                     for callback in list(self.on_lost):
                         callback(why)
                     return

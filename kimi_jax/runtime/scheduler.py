@@ -242,6 +242,7 @@ class Scheduler:
             self._reset()
             if self.warm_up:
                 self._warm_up()
+            self.lockstep.ready()  # every process has built its programs: none waits on another's compiles
             self.ready.set()
             while True:
                 if self._apply(self._next_events()):
