@@ -171,9 +171,8 @@ def server():
 
     model = load_default()
     scripted = ScriptedGenerator(model.generator, weather_script(model.tokenizer))
-    srv = build_server(parse_args(["--max-batch", "4", "--max-context", "512", "--max-body-bytes", str(4 << 20), "--no-warm-up"]),
-                       model, scripted)
-    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
+    flags = ["--max-batch", "4", "--max-context", "512", "--max-body-bytes", str(4 << 20), "--no-warm-up"]
+    srv = build_server(parse_args(flags), model, scripted)
     live = LiveServer(create_app(srv))
     live.srv = srv
     yield live

@@ -43,7 +43,6 @@ def server():  # the settings of tests/test_serve_fields.py: the compile cache s
     from kimi_jax.serve.cli import build_server, parse_args
 
     srv = build_server(parse_args(["--max-batch", "4", "--max-context", "512", "--no-warm-up"]), load_default())
-    assert srv.scheduler.ready.wait(600)  # the decode programs are built (warm-up)
     live = LiveServer(create_app(srv))
     yield live
     live.close()
