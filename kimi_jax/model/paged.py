@@ -15,8 +15,9 @@ Reads take one of two forms:
   * through `blocks` (decode): block w is a run of `k` pages of one row, starting at position
     starts[w]; attention scores each block against its row's queries and merges the blocks of a row
     (model/latent_attention.py `attend_blocks`). A batch then reads the pages its rows hold,
-    rounded up to whole blocks, instead of every row as far as the longest: 8 rows of 400 tokens
-    and one of 4,000 read 7,000 positions, not 9 × 4,096 (or, as a table, all 16 slots' rows).
+    rounded up to whole blocks, instead of every row as far as the longest: with pages of 64, 8 rows
+    of 400 tokens and one of 4,000 read 32 blocks (8,192 positions), where the table made all 16
+    slots read 4,096 each (65,536).
 
 Both gathers are XLA's; a kernel that reads the pages in place (as vLLM's and tpu-inference's ragged
 paged attention do) is not built. Which page a sequence gets, and the blocks of a decode call, are
