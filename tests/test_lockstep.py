@@ -89,6 +89,28 @@ def test_process_0_is_ready_only_once_every_follower_is():
     lost.ready()  # returns: there is no one left to wait for
 
 
+class GoneStore(MemoryStore):
+    """The coordination service after process 0 died: calls fail as the runtime's do then."""
+
+    def _gone(self, *_):
+        raise RuntimeError("UNAVAILABLE: Failed to get key: GetKeyValue: Socket closed (grpc_status:14)")
+
+    blocking_key_value_get = key_value_set = _gone
+
+
+def test_a_follower_whose_coordinator_is_gone_raises_coordinator_lost():
+    """A follower's wait for the next iteration (or its ready) fails with CoordinatorLost, which the
+    serve CLI turns into the line naming the coordinator, not with the runtime's error."""
+    follower = lockstep.Lockstep(GoneStore(), 1, 2)
+    with pytest.raises(lockstep.CoordinatorLost, match="Socket closed"):
+        follower.receive(0)
+    with pytest.raises(lockstep.CoordinatorLost):
+        follower.ready()
+    assert lockstep.Lockstep(MemoryStore(), 1, 2).ready() is None  # a live store: no error
+    line = lockstep.lost_coordinator(1, 2, "127.0.0.1:9")
+    assert line.startswith("error: process 1 of 2 lost process 0 (coordinator 127.0.0.1:9)")
+
+
 def test_leader_and_follower_run_the_same_iterations(model):
     store = MemoryStore()
     lead, follower, thread = _pair(model, store, max_batch=4, max_context=128)

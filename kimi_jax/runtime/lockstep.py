@@ -45,6 +45,11 @@ HEARTBEAT_S = 1.0
 POLL_MS = 1000  # a follower's wait for the next iteration is a loop of gets this long
 
 
+class CoordinatorLost(Exception):
+    """A follower's call to the coordination service failed: process 0, which serves it, is gone.
+    (Usually JAX's runtime aborts the follower first; this is the case where the call fails first.)"""
+
+
 class Solo:
     """One process: nothing to tell anyone."""
 
@@ -112,14 +117,15 @@ class Lockstep:
         self.publish_seconds += time.perf_counter() - start
 
     def receive(self, step: int) -> list[dict[str, Any]]:
-        """A follower: iteration `step`'s events, waiting as long as process 0 has nothing to do."""
+        """A follower: iteration `step`'s events, waiting as long as process 0 has nothing to do.
+        CoordinatorLost when the coordination service stops answering (process 0 is gone)."""
         key = f"{PREFIX}/step/{step}"
         while True:
             try:
                 return json.loads(self.client.blocking_key_value_get(key, POLL_MS))
             except Exception as e:  # the runtime's error type; a timeout just means process 0 is idle
                 if "DEADLINE_EXCEEDED" not in str(e):
-                    raise
+                    raise CoordinatorLost(str(e)) from e
 
     def finished(self, step: int, active: int) -> None:
         """This process has run iteration `step` and holds `active` jobs in its slots (followers report
@@ -133,7 +139,10 @@ class Lockstep:
         back) and its first prefill's collective would wait on a follower still compiling, past the
         CPU collectives' timeout."""
         if not self.leader:
-            self.client.key_value_set(f"{PREFIX}/ready/{self.process_id}", "1")
+            try:
+                self.client.key_value_set(f"{PREFIX}/ready/{self.process_id}", "1")
+            except Exception as e:  # the runtime's error type: the coordination service is gone
+                raise CoordinatorLost(str(e)) from e
             return
         for p in range(1, self.num_processes):
             while self.lost is None and not self._stop.is_set():
@@ -217,8 +226,7 @@ def supervise(argv: list[str], process_id: int, num_processes: int, coordinator:
         signal.signal(sig, lambda s, _: child.send_signal(s))
     code = child.wait()
     if code in (-signal.SIGABRT, 128 + signal.SIGABRT):
-        print(f"error: process {process_id} of {num_processes} lost process 0 (coordinator {coordinator}): it "
-              "stopped or cannot be reached, and the model spans every process; exiting", file=sys.stderr, flush=True)
+        print(lost_coordinator(process_id, num_processes, coordinator), file=sys.stderr, flush=True)
         return 1
     return code if code >= 0 else 128 - code
 
@@ -233,6 +241,13 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the supervisor was already gone
         os._exit(1)
+
+
+def lost_coordinator(process_id: int, num_processes: int, coordinator: str | None) -> str:
+    """The line a follower that lost process 0 ends with, however it noticed."""
+    return (f"error: process {process_id} of {num_processes} lost process 0 (coordinator "
+            f"{coordinator or 'from the TPU metadata'}): it stopped or cannot be reached, and the model spans "
+            "every process; exiting")
 
 
 def follower_notice(process_id: int, num_processes: int, coordinator: str | None) -> str:

@@ -139,6 +139,10 @@ def follow(args: argparse.Namespace, info: distributed.ProcessInfo, lock: lockst
     try:
         model = load_model(args)
         make_scheduler(args, model.generator, model.tokenizer, lock).follow()
+    except lockstep.CoordinatorLost:
+        print(lockstep.lost_coordinator(info.process_id, info.num_processes, args.coordinator_address),
+              file=sys.stderr, flush=True)
+        os._exit(1)
     except (OSError, ValueError) as e:
         print(f"error: process {info.process_id}: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # not the distributed runtime's shutdown barrier: process 0 may never reach it
