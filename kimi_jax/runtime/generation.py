@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from kimi_jax.config import Config
 from kimi_jax.model.attention import LatentCache
@@ -41,6 +40,7 @@ from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.decoder import Transformer, init_cache, vocab_logits
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.paged import PagedCache, pool_axes, with_table
+from kimi_jax.runtime.host_call import host_call
 from kimi_jax.runtime.sampling import (
     DEFAULT_TEMPERATURE,
     LogProbs,
@@ -425,11 +425,10 @@ class Generator:
         rather than a compiled call per token (BENCHMARKS.md, "Constrained decoding")."""
         b, words = state.tokens.shape[0], -(-self.cfg.padded_vocab_size // 32)
         rows = jnp.stack([state.tokens, state.generated, state.done.astype(jnp.int32)])  # one operand: (3, B)
-        return io_callback(self._host_masks, jax.ShapeDtypeStruct((b, words), jnp.int32), source, rows,
-                           ordered=False)
+        return host_call(self._host_masks, jax.ShapeDtypeStruct((b, words), jnp.int32), source, rows)
 
     def _host_masks(self, source, rows) -> np.ndarray:
-        tokens, generated, done = np.asarray(rows)
+        tokens, generated, done = rows
         return self._mask_sources[int(source)](tokens, generated, done.astype(bool))
 
     def register_masks(self, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> int:
