@@ -40,6 +40,21 @@ def test_roofline_bytes_count_only_experts_hit():
     assert 25e9 < one["total"] < 40e9 and 1.0e12 < weight_bytes(KIMI_K2) < 1.05e12
 
 
+
+def test_decode_flops_count_the_activated_parameters_and_the_cache():
+    from kimi_jax.bench.roofline import decode_flops, matmul_params_per_token
+    from kimi_jax.config import KIMI_K2
+
+    # The model card: 32B activated parameters; the embedding (a lookup) and lm_head (1.17B each) are in it.
+    head = KIMI_K2.vocab_size * KIMI_K2.hidden_size
+    assert 31.5e9 < matmul_params_per_token(KIMI_K2) + 2 * head < 33.5e9
+    one = decode_flops(KIMI_K2, 1, 0)
+    assert one == pytest.approx(2 * (matmul_params_per_token(KIMI_K2) + head))
+    assert decode_flops(KIMI_K2, 8, 0) == pytest.approx(8 * one)  # every row computes its own
+    # Absorbed MLA per cached position: 61 layers x 64 heads x (512 + 64 for scores, 512 for values) x 2.
+    per_position = decode_flops(KIMI_K2, 1, 1001) - decode_flops(KIMI_K2, 1, 1)
+    assert per_position == pytest.approx(1000 * 2 * 61 * 64 * (2 * 512 + 64))
+
 @pytest.mark.slow
 def test_gpu_bench_tiny_path_runs_on_cpu():
     from kimi_jax.bench import gpu

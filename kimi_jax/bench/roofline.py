@@ -82,18 +82,34 @@ def roofline_fraction(step_bytes: float, bandwidth: float, seconds_per_step: flo
     return step_bytes / bandwidth / seconds_per_step
 
 
-def prefill_flops(cfg: Config, tokens: int) -> float:
-    """Matmul FLOPs of a causal prefill of `tokens` tokens (batch 1) and one lm_head row.
-
-    Per token: 2 × every matmul weight it uses (the embedding is a lookup; routed experts count k of
-    E; the lm_head runs on the last token only). Attention (expanded MLA at prefill): per layer and
-    head, QKᵀ over qk_head_dim and PV over v_head_dim, on the causal half of the T×T scores.
-    """
+def matmul_params_per_token(cfg: Config) -> float:
+    """Weights one token is multiplied by in every layer: each matmul weight it uses, routed experts
+    k of E (the embedding is a lookup; the lm_head is counted apart, on the rows that need logits)."""
     per_token = 0.0
     for leaf in leaves(cfg):
         if leaf.path in (("embed",), ("lm_head",)) or len(leaf.spec.shape) < 2:
             continue
         n = math.prod(leaf.shape)
         per_token += n * cfg.num_experts_per_tok / cfg.n_routed_experts if leaf.spec.per_expert else n
+    return per_token
+
+
+def prefill_flops(cfg: Config, tokens: int) -> float:
+    """Matmul FLOPs of a causal prefill of `tokens` tokens (batch 1) and one lm_head row.
+
+    Per token: 2 × every matmul weight it uses (`matmul_params_per_token`; the lm_head runs on the last
+    token only). Attention (expanded MLA at prefill): per layer and head, QKᵀ over qk_head_dim and PV
+    over v_head_dim, on the causal half of the T×T scores.
+    """
     attention = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * tokens * tokens
-    return 2 * per_token * tokens + attention + 2 * cfg.vocab_size * cfg.hidden_size
+    return 2 * matmul_params_per_token(cfg) * tokens + attention + 2 * cfg.vocab_size * cfg.hidden_size
+
+
+def decode_flops(cfg: Config, batch: int, context: int) -> float:
+    """Matmul FLOPs of one decode step of `batch` rows over `context` cached positions each.
+
+    Per row: 2 × every matmul weight it uses and the lm_head, and absorbed-MLA attention: per layer,
+    head and cached position, scores over kv_lora_rank + qk_rope_head_dim and values over kv_lora_rank.
+    """
+    attention = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return batch * (2 * matmul_params_per_token(cfg) + attention * context + 2 * cfg.vocab_size * cfg.hidden_size)

@@ -58,17 +58,20 @@ def run(experts=EXPERTS, batches=BATCHES, prompt: int = 16, steps: int = 16, rep
         for b in batches:
             s = point(model, b, prompt, steps, reps)
             nbytes = roofline.decode_step_bytes(cfg, b, prompt + steps // 2)["total"]
+            flops = roofline.decode_flops(cfg, b, prompt + steps // 2)
             rows.append({"experts": e, "batch": b, "ms_per_step": 1e3 * s, "bytes_per_step": nbytes,
-                         "gb_per_s": nbytes / s / 1e9})
-            log(f"E={e:3d} B={b:2d}: {1e3 * s:7.1f} ms/step, {nbytes / 1e6:7.1f} MB, {nbytes / s / 1e9:5.2f} GB/s")
+                         "gb_per_s": nbytes / s / 1e9, "flops_per_step": flops, "gflop_per_s": flops / s / 1e9})
+            log(f"E={e:3d} B={b:2d}: {1e3 * s:7.1f} ms/step, {nbytes / 1e6:7.1f} MB, {nbytes / s / 1e9:5.2f} GB/s, "
+                f"{flops / s / 1e9:5.1f} GFLOP/s")
         del model
     return rows
 
 
 def markdown(rows: list[dict], command: str, machine: str) -> str:
     lines = [f"`{command}` on {machine}; median of the repetitions, bf16 compute, fp8 weights.", "",
-             "| routed experts | batch | ms / step | MB / step (must read) | GB/s |", "|---|---|---|---|---|"]
+             "| routed experts | batch | ms / step | MB / step (must read) | GB/s | GFLOP / step | GFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['experts']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['bytes_per_step'] / 1e6:.1f} "
-                     f"| {r['gb_per_s']:.2f} |")
+                     f"| {r['gb_per_s']:.2f} | {r['flops_per_step'] / 1e9:.2f} | {r['gflop_per_s']:.1f} |")
     return "\n".join(lines)
