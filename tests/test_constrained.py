@@ -288,3 +288,26 @@ def test_a_preempted_constrained_reply_resumes_inside_its_grammar(model, grammar
     for tokens, reason in got:
         if reason == "stop":
             jsonschema.validate(json.loads(tok.decode(tokens[:-1])), SCHEMA)
+
+
+def test_the_callback_cost_benchmark_times_both_kinds_of_call(model):
+    """bench/constrained.callback_cost (BENCHMARKS.md "Constrained decoding"): every timed call made its
+    steps (rows that ran out would time empty loops), the masked ones through the mask callback."""
+    from kimi_jax.bench.constrained import callback_cost  # deferred: the bench layer sits above runtime
+
+    calls = []
+    decode = model.generator.decode
+
+    def counting(cache, state, rows, steps, masks=None, **kw):
+        out = decode(cache, state, rows, steps, masks=masks, **kw)
+        calls.append((masks is not None, int((np.asarray(out[2]) >= 0).any(axis=1).sum())))
+        return out
+
+    model.generator.decode = counting
+    try:
+        r = callback_cost(model, streams=2, steps=2, calls=10)  # calls 0 and 8 prefill first: untimed
+    finally:
+        del model.generator.decode
+    assert r["timed_calls"] == 8 and r["ms_per_step"]["free"] > 0 and r["ms_per_step"]["masked"] > 0
+    assert [m for m, _ in calls] == [False, True] * 10
+    assert all(made == 2 for _, made in calls), calls

@@ -15,6 +15,8 @@ import statistics
 import threading
 import time
 
+import numpy as np
+
 from kimi_jax.runtime.generation import Constraint, make_requests
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.text.grammar import Grammars, json_grammar
@@ -86,3 +88,30 @@ def markdown(result: dict, command: str, machine: str) -> str:
         f"{', '.join(f'{s:.2f}' for s in r['seconds']['mixed'])} |", "",
         f"Slowdown of the batch: **{100 * r['slowdown']:.1f}%**.",
     ])
+
+
+def callback_cost(model, streams: int = 16, steps: int = 16, calls: int = 40) -> dict:
+    """What the per-step mask callback itself costs a decode step, apart from any grammar: decode calls of
+    `steps` steps over `streams` rows, alternately without masks and with a mask source that returns
+    "everything allowed" at once. -> median ms per step of each, and their difference. Every 8th call
+    prefills the rows again (so the context stays short) and is not timed."""
+    g, tok = model.generator, model.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"List some words ({i})."}])
+               for i in range(streams)]
+    requests = make_requests(model.config, prompts, 2 * 8 * steps + 1, temperature=0.0,  # 8 calls of each kind
+                             stop_token_ids=[])
+    everything = np.full((streams, -(-model.config.padded_vocab_size // 32)), -1, np.int32)
+    source = g.register_masks(lambda tokens, generated, done: everything)
+    ms: dict[str, list[float]] = {"free": [], "masked": []}
+    for i in range(calls):
+        if i % 8 == 0:
+            _, cache, state, rows, _ = g.prefill(requests)
+        for name, masks in (("free", None), ("masked", source)):
+            start = time.perf_counter()
+            cache, state, out, _ = g.decode(cache, state, rows, steps, masks=masks)
+            np.asarray(out)  # blocks on the call
+            if i % 8:
+                ms[name].append(1e3 * (time.perf_counter() - start) / steps)
+    free, masked = (statistics.median(ms[k]) for k in ("free", "masked"))
+    return {"streams": streams, "steps_per_call": steps, "timed_calls": len(ms["free"]),
+            "ms_per_step": {"free": free, "masked": masked}, "added_ms": masked - free}
