@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.unit
@@ -92,3 +93,38 @@ def test_every_script_starts():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
     assert len(scripts) >= 10 and proc.stdout.count("usage:") >= len(scripts)
+
+
+def test_itl_compares_the_admission_with_the_same_streams_at_the_same_lengths():
+    """matched_gaps: a stream's decode calls slow down as it grows, so the reference for the gaps that
+    overlap an admission is the control run's gaps with the same indices, not the earlier ones."""
+    from kimi_jax.bench.paged import matched_gaps
+
+    def deliveries(gap_ms, admission=None):  # one stream: gap j lasts gap_ms(j), + 30 ms inside the admission
+        t, out = 0.0, [0.0]
+        for j in range(200):
+            extra = 0.030 if admission and admission[0] < t < admission[1] else 0.0
+            t += gap_ms(j) / 1e3 + extra
+            out.append(t)
+        return out
+
+    growing = lambda j: 10 + j * 0.1  # noqa: E731 - 10 ms at the start, 30 ms after 200 calls
+    arrived, admitted = 1.5, 2.5
+    times = [deliveries(growing, (arrived, admitted)) for _ in range(4)]
+    control = [deliveries(growing) for _ in range(4)]
+    r = matched_gaps([(times, arrived, admitted)], control, baseline_s=1.0)
+    during = [b - a for ts in times for a, b in zip(ts, ts[1:]) if a < admitted and b > arrived]
+    first = next(j for j, (a, b) in enumerate(zip(times[0], times[0][1:])) if b > arrived)
+    # The reference is the control's gaps at the indices of the gaps during the admission ...
+    matched = [growing(j) for j in range(first, first + len(during) // 4)]
+    assert r["gaps_during"] == len(during) == r["gaps_matched"]
+    assert r["median_itl_ms"] == round(float(np.median(matched)), 1)
+    assert r["p99_itl_admitting_ms"] == round(float(np.percentile(during, 99)) * 1e3, 1)
+    # ... which are longer than the gaps before the prompt came, so that ratio is the larger one.
+    assert r["median_before_ms"] < r["median_itl_ms"] and r["ratio_to_before"] > r["ratio"]
+    # Runs are pooled: the same run twice has the same figures over twice the gaps.
+    twice = matched_gaps([(times, arrived, admitted)] * 2, control, baseline_s=1.0)
+    assert twice["gaps_during"] == 2 * r["gaps_during"] and twice["ratio"] == r["ratio"] and twice["runs"] == 2
+    # A stream that ended before the admission leaves nothing to compare: a clear error.
+    with pytest.raises(ValueError, match="no gaps to compare"):
+        matched_gaps([([ts[:10] for ts in times], arrived, admitted)], control, baseline_s=1.0)

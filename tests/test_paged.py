@@ -205,6 +205,19 @@ def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
     assert make_scheduler(parse_args([]), model.generator).pages.prefix_cache  # on by default
 
 
+def test_the_prefill_chunk_defaults_to_the_platforms(model):
+    """128 tokens a chunk on CPU, 512 on the accelerators (BENCHMARKS.md "Paged cache"); a flag wins."""
+    from kimi_jax.serve.cli import make_scheduler, parse_args
+
+    assert model.generator.backend.name == "cpu"
+    assert make_scheduler(parse_args([]), model.generator).prefill_chunk == 128
+    assert make_scheduler(parse_args(["--prefill-chunk", "300"]), model.generator).prefill_chunk == 300
+    for platform in ("gpu", "tpu"):
+        stand_in = dataclasses.replace(model.generator.backend, name=platform)
+        g = generation.Generator(model.config, model.generator.params, model.generator.dtype, stand_in)
+        assert Scheduler(g).prefill_chunk == 512
+
+
 def test_warm_up_builds_every_decode_program_before_ready(model):
     """With warm_up the scheduler builds a decode program per block-list length (with and without logit
     adjustments) before `ready`; requests of every length, one with a logit_bias, then compile no

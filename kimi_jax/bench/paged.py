@@ -15,10 +15,12 @@ the configurations a scenario compares run one after the other in the same invoc
   conversations with their own system prompts run first, unmeasured (they compile what it needs).
 - itl: 8 streams decoding when a 4,000-token prompt arrives. The inter-token latency of a stream is
   the gap between two of its deliveries (one per decode call, `--steps-per-call` tokens); reported
-  are the median gap before the long prompt arrives and the p99 of the gaps that overlap its
-  admission (sent -> its first token), with `--prefill-chunk` 256, 512 (the default) and 4096 (one
-  chunk for the whole prompt: how the server prefilled before chunking); the prefix cache is off,
-  so the long prompt is computed whole.
+  are the p99 of the gaps that overlap the prompt's admission (sent -> its first token) and the
+  median of the same gaps (the same streams at the same lengths) in a control run without the
+  prompt (`matched_gaps`; 3 measured runs, their gaps pooled); the median gap before the prompt
+  arrives is reported too. With `--prefill-chunk` 128 (the CPU default), 256, 512 (the GPU and TPU
+  default) and 4096 (one chunk for the whole prompt: how the server prefilled before chunking); the
+  prefix cache is off, so the long prompt is computed whole.
 - calls (in-process, no server): one compiled call timed alone, median of 5 after a warm-up call.
   A decode call of 8 steps over 16 slots with 8 rows of 400 tokens, with and without a 9th of 4,000,
   its attention reading through the page table (every slot as far as the longest row, the width
@@ -213,16 +215,20 @@ def _turn(messages: list[dict]) -> dict:
             "max_tokens": 32, "temperature": 0}
 
 
-def itl(flags: list[str], streams: int = 8, long_tokens: int = 4000, baseline_s: float = 3.0) -> dict:
-    """Inter-token latency of `streams` running streams before and while a long prompt is admitted.
-    The scenario runs twice on one server, the first time unmeasured: every program it needs is
-    compiled by then (or loaded from the compile cache)."""
+def itl(flags: list[str], streams: int = 8, long_tokens: int = 4000, baseline_s: float = 3.0, repeats: int = 3) -> dict:
+    """Inter-token latency of `streams` running streams while a long prompt is admitted, against the same
+    streams at the same lengths without it (`matched_gaps`). On one server: a warm-up run with a long
+    prompt (unmeasured: every program it needs is compiled by then, or loaded from the compile cache),
+    a control run without one, then `repeats` measured runs, each with a prompt of its own, whose gaps
+    are pooled (a run's admission spans only ~10–40 decode calls, each delaying all the streams at
+    once, so one run's p99 is about its single worst call)."""
     # No prefix cache: the long prompt is computed whole (calibrating its length has sent it once).
     with serve("--max-batch", "16", "--max-context", "4096", "--no-prefix-cache", *flags) as url:
         bias = stop_bias(url)
-        longs = [text_of(url, long_tokens, f"long{k}") for k in range(2)]
+        longs = [text_of(url, long_tokens, f"long{k}") for k in range(repeats + 1)]
 
-        async def once(long: str, tag: str):
+        async def once(long: str | None, tag: str):
+            """-> (each stream's delivery times, when the long prompt was sent, its first token's time)."""
             times = [[] for _ in range(streams)]
             async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=streams + 4)) as client:
                 body = {"model": MODEL, "temperature": 0, "logit_bias": bias}
@@ -232,28 +238,56 @@ def itl(flags: list[str], streams: int = 8, long_tokens: int = 4000, baseline_s:
                 while min(map(len, times)) < 2:  # every stream is decoding
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(baseline_s)
-                arrived = time.perf_counter()
-                got = await _stream(client, url, {**body, "max_tokens": 4, "messages": [
-                    {"role": "user", "content": long}]})
-                await asyncio.sleep(0.5)
+                arrived, admitted = time.perf_counter(), None
+                if long is not None:
+                    got = await _stream(client, url, {**body, "max_tokens": 4, "messages": [
+                        {"role": "user", "content": long}]})
+                    admitted = got["deliveries"][0]
+                await asyncio.sleep(0.5 if long is not None else 5.0)  # the control runs past any admission
                 for task in runs:
                     task.cancel()
                 await asyncio.gather(*runs, return_exceptions=True)
-            return times, arrived, got["deliveries"][0]
+            return times, arrived, admitted
 
         asyncio.run(once(longs[0], "warm"))
-        times, arrived, admitted = asyncio.run(once(longs[1], ""))
-    before, during = [], []
-    for ts in times:
-        for a, b in zip(ts, ts[1:]):
-            if arrived - baseline_s <= a and b < arrived:
-                before.append(b - a)
-            elif a < admitted and b > arrived:  # overlaps the admission (the gap it widens ends after it)
-                during.append(b - a)
-    median, p99 = float(np.median(before)), float(np.percentile(during, 99))
+        control, _, _ = asyncio.run(once(None, "control"))
+        runs = [asyncio.run(once(long, f"run{k}")) for k, long in enumerate(longs[1:])]
+    return matched_gaps(runs, control, baseline_s)
+
+
+def matched_gaps(runs: list[tuple[list[list[float]], float, float]], control: list[list[float]],
+                 baseline_s: float) -> dict:
+    """The `itl` figures from measured runs, each (every stream's delivery times, when the long prompt
+    was sent, when its first token came), and `control`, the streams' delivery times without it.
+
+    A gap is the time between two consecutive deliveries of a stream; gap j of a stream ends its
+    (j+1)-th delivery, so with the same tokens per delivery it falls at the same length of the stream
+    in every run. The gaps *during* are those that overlap an admission, pooled over the runs; the
+    ratio is their p99 over the median of the control's gaps with the same indices: the same streams,
+    as long, without the prompt. A decode call's cost grows with its rows (their blocks of keys), so
+    the gaps before the prompt arrived, the streams still shorter, are reported apart
+    (`median_before_ms`) and are not the reference."""
+    before, during, without = [], [], []
+    for times, arrived, admitted in runs:
+        for ts, alone in zip(times, control):
+            for j, (a, b) in enumerate(zip(ts, ts[1:])):
+                if arrived - baseline_s <= a and b < arrived:
+                    before.append(b - a)
+                elif a < admitted and b > arrived:  # overlaps the admission (the gap it widens ends after it)
+                    during.append(b - a)
+                    if j + 1 < len(alone):
+                        without.append(alone[j + 1] - alone[j])
+    if not during or not without or not before:
+        raise ValueError(f"no gaps to compare ({len(before)} before, {len(during)} during the admissions, "
+                         f"{len(without)} matched in the control): the streams ended before the prompt was in")
+    median, p99 = float(np.median(without)), float(np.percentile(during, 99))
+    admission = [admitted - arrived for _, arrived, admitted in runs]
     return {"median_itl_ms": round(median * 1e3, 1), "p99_itl_admitting_ms": round(p99 * 1e3, 1),
-            "ratio": round(p99 / median, 2), "gaps_before": len(before), "gaps_during": len(during),
-            "admission_ms": round((admitted - arrived) * 1e3, 1)}
+            "ratio": round(p99 / median, 2), "median_before_ms": round(float(np.median(before)) * 1e3, 1),
+            "ratio_to_before": round(p99 / float(np.median(before)), 2), "gaps_before": len(before),
+            "gaps_during": len(during), "gaps_matched": len(without), "runs": len(runs),
+            "admission_ms": round(float(np.median(admission)) * 1e3, 1),
+            "worst_gap_ms": round(max(during) * 1e3, 1)}
 
 
 def _median_ms(call, repeats: int = 5) -> float:

@@ -85,14 +85,28 @@ MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 f
 # Positions per page: a prefix is shared in whole pages, and one page of one layer is a contiguous
 # 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
 PAGE_SIZE = 64
-# Prefill tokens per scheduler iteration: a longer prompt is prefilled in chunks between decode calls
-# (BENCHMARKS.md "Paged cache": what a chunk costs the running streams' inter-token latency).
-PREFILL_CHUNK = 512
+# Prefill tokens per scheduler iteration, by platform: a longer prompt is prefilled in chunks between
+# decode calls, and each chunk delays the running streams' next tokens by what it costs
+# (BENCHMARKS.md "Paged cache"). On CPU a chunk's cost grows faster than its length (256 tokens after
+# 3,584 cached ones took 30-65 ms, 128 took 13), and 128 keeps the p99 inter-token latency of 8
+# streams within 3x while a 4,000-token prompt is admitted (512: 3.6-6x). GPU and TPU are not
+# measured: there a chunk of a few hundred tokens costs about one decode step's weight reads, so the
+# larger default.
+PREFILL_CHUNK = {"cpu": 128}
+PREFILL_CHUNK_ACCELERATOR = 512
+
+
+def default_prefill_chunk(platform: str) -> int:
+    """The prefill chunk `Scheduler` uses on `platform` (its generator's backend name) unless told."""
+    return PREFILL_CHUNK.get(platform, PREFILL_CHUNK_ACCELERATOR)
+
+
 class Scheduler:
     """Continuous batching over `generator` with `max_batch` slots of up to `max_context` positions each,
     and a pool of `num_pages` pages of `page_size` positions (default: enough for every slot to reach
     `max_context`; fewer pages is less memory, and admission then waits or preempts, see the module
-    docstring). `prefix_cache` turns automatic prefix caching on.
+    docstring). `prefix_cache` turns automatic prefix caching on. `prefill_chunk`: prompt tokens
+    prefilled per iteration (default `default_prefill_chunk` of the generator's platform).
 
     The generator is used through `cfg`, `dtype`, `mesh`, `layout`, `batch_shards`,
     `steps_per_call`, `pool_shardings`, `prefill_paged` and `decode` alone, so a stand-in with those
@@ -104,7 +118,7 @@ class Scheduler:
                  max_prefill: int = 8, steps_per_call: int | None = None,
                  lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, page_size: int = PAGE_SIZE,
                  num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, warm_up: bool = False):
+                 prefill_chunk: int | None = None, warm_up: bool = False):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -117,6 +131,8 @@ class Scheduler:
                              "(--kv-pages) or lower --max-context")
         self.pages = PagePool(-(-num_pages // shards) * shards, page_size, prefix_cache)  # split like the batch
         self.max_queue, self.max_prefill = max_queue, max_prefill
+        if prefill_chunk is None:  # the platform's (a stand-in generator without a backend: the accelerators')
+            prefill_chunk = default_prefill_chunk(getattr(getattr(generator, "backend", None), "name", ""))
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
