@@ -75,11 +75,13 @@ def tool_call_with_client(client, model_name: str):
 
 
 def collect():
-    """A scheduler job's sink and what it gathers: {"tokens", "reason", "done" (an Event set at the finish)}."""
-    out = {"tokens": [], "reason": None, "done": threading.Event()}
+    """A scheduler job's sink and what it gathers: {"tokens", "logprobs" (one entry per token of a job that
+    asks for them), "reason", "done" (an Event set at the finish)}."""
+    out = {"tokens": [], "logprobs": [], "reason": None, "done": threading.Event()}
 
     def sink(tokens, reason, logprobs=None):
         out["tokens"] += tokens
+        out["logprobs"] += logprobs or []
         if reason is not None:
             out["reason"] = reason
             out["done"].set()

@@ -12,11 +12,12 @@ from serve_util import collect as _collect
 
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import generation
-from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.generation import Constraint, Request
 from kimi_jax.runtime.pages import block_list, pages_for
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.metrics import prometheus_text
+from kimi_jax.text.grammar import Grammars, json_grammar
 
 pytestmark = pytest.mark.generation
 
@@ -219,21 +220,26 @@ def test_the_prefill_chunk_defaults_to_the_platforms(model):
 
 
 def test_warm_up_builds_every_decode_program_before_ready(model):
-    """With warm_up the scheduler builds a decode program per block-list length (with and without logit
-    adjustments) before `ready`; requests of every length, one with a logit_bias, then compile no
-    decode program, their replies are those of a scheduler that compiles as it goes, and /metrics
-    says how many programs the warm-up built."""
+    """With warm_up the scheduler builds the decode programs of every block-list length (plain with and
+    without logit adjustments, and the rich one for logprobs and grammars) before `ready`; requests of
+    every length, one with a logit_bias, one with logprobs and one constrained by a JSON Schema, then
+    compile no decode program, their replies are those of a scheduler that compiles as it goes, and
+    /metrics says how many programs the warm-up built."""
     g = model.generator
     fresh = generation.Generator(model.config, g.params, g.dtype, g.backend)  # nothing compiled yet
     kwargs = dict(max_batch=2, max_context=1024, page_size=64)  # blocks of 4 pages: up to 8 in a call
+    kwargs["grammars"] = Grammars(model.tokenizer, model.config.padded_vocab_size)
     sched = Scheduler(fresh, warm_up=True, **kwargs).start()
     assert sched.ready.wait(600)
     assert sched.decode_block_buckets() == [4, 8]
-    assert fresh.traces["decode"] == 4 == sched.metrics.warm_up_compilations
+    assert fresh.traces["decode"] == 6 == sched.metrics.warm_up_compilations
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 1000, n)) for n in (900, 600, 20, 300)]  # 4 + 3 blocks at once: 8
     requests = [_request(model, p, 12) for p in prompts]
     requests[1] = dataclasses.replace(requests[1], sampling=SamplingParams(0.0, logit_bias=((7, 5.0),)))
+    requests[2] = dataclasses.replace(requests[2], logprobs=True)
+    requests[3] = dataclasses.replace(requests[3], constraint=Constraint(json_grammar(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})))
     outs = []
     for r in requests:
         out, sink = _collect()
@@ -242,10 +248,10 @@ def test_warm_up_builds_every_decode_program_before_ready(model):
     for out in outs:
         assert out["done"].wait(300)
     sched.stop()
-    assert fresh.traces["decode"] == 4, "a decode program was compiled after the warm-up"
+    assert fresh.traces["decode"] == 6, "a decode program was compiled after the warm-up"
     exported = dict(line.split() for line in prometheus_text(sched).splitlines() if not line.startswith("#"))
-    assert float(exported["kimi_jax_warm_up_compilations"]) == 4
-    assert float(exported["kimi_jax_compilations_total"]) > 4  # the prefill programs came after
+    assert float(exported["kimi_jax_warm_up_compilations"]) == 6
+    assert float(exported["kimi_jax_compilations_total"]) > 6  # the prefill programs came after
     plain = Scheduler(g, **kwargs).start()
     for r, out in zip(requests, outs):
         again, sink = _collect()
@@ -253,6 +259,8 @@ def test_warm_up_builds_every_decode_program_before_ready(model):
         assert again["done"].wait(300)
         assert again["tokens"] == out["tokens"]
     plain.stop()
+    assert outs[2]["logprobs"] and len(outs[2]["logprobs"]) == len(outs[2]["tokens"])
+    assert model.tokenizer.decode(outs[3]["tokens"]).startswith("{")  # the grammar's reply
 
 
 def test_prefix_cache_evicts_under_pressure(model, alone):

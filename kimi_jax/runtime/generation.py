@@ -43,6 +43,7 @@ from kimi_jax.model.paged import PagedCache, pool_axes, with_table
 from kimi_jax.runtime.host_call import host_call
 from kimi_jax.runtime.sampling import (
     DEFAULT_TEMPERATURE,
+    TOP_LOGPROBS,
     LogProbs,
     SamplingParams,
     adjust_logits,
@@ -258,6 +259,25 @@ def _next(logits: jax.Array, state: DecodeState, rows: Rows, adjust: bool, allow
     return sample(logits, rows.temperature, rows.top_p, rows.top_k, rows.seed, state.generated)
 
 
+def _next_rich(logits: jax.Array, state: DecodeState, rows: Rows, masks: Callable[[], jax.Array], masked: jax.Array,
+               adjusted: jax.Array, wanted: jax.Array, top: int) -> tuple[jax.Array, LogProbs]:
+    """`_next` with masks, adjustments and logprobs chosen at run time (the rich decode program): one
+    `lax.switch` over the 8 cases, whose branches return only the tokens [B] and this step's LogProbs
+    (zeros unless `wanted`), never the [B, V] logits (a cond's output copy, BENCHMARKS.md "Sampling
+    extras"). `masks()` traces the host call for the rows' grammar masks, in the masked branches."""
+    def branch(case: int):
+        def run():
+            nxt = _next(logits, state, rows, bool(case & 1), masks() if case & 2 else None)
+            if case & 4:
+                return nxt, token_logprobs(logits, nxt, top)
+            return nxt, LogProbs(jnp.zeros(nxt.shape, jnp.float32), jnp.zeros((*nxt.shape, top), jnp.int32),
+                                 jnp.zeros((*nxt.shape, top), jnp.float32))
+        return run
+
+    case = adjusted.astype(jnp.int32) + 2 * masked.astype(jnp.int32) + 4 * wanted.astype(jnp.int32)
+    return jax.lax.switch(case, [branch(c) for c in range(8)])
+
+
 def adjusts(requests: Sequence[Request]) -> bool:
     """Whether any of `requests` has a logit_bias or a penalty (the `adjust` flag of prefill and decode)."""
     return any(r.sampling.adjusts for r in requests)
@@ -300,7 +320,7 @@ class Generator:
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
         self._prefill_paged = jax.jit(self._prefill_paged_impl, static_argnums=(13,), donate_argnums=(1, 2))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6, 7), donate_argnums=(1,))
         self._mask_sources: dict[int, Callable] = {}  # constrained decoding: see `register_masks`
         self.first_logprobs = jax.jit(token_logprobs, static_argnums=(2,))  # of prefill's logits and tokens
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
@@ -380,11 +400,19 @@ class Generator:
         logits, cache = self._absorbed.apply({"params": params}, tokens[:, None], positions[:, None], cache)
         return logits[:, 0], cache
 
-    def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, logprobs: int | None,
-                     adjust: bool, source=None):
+    def _decode_impl(self, params, cache, state: DecodeState, rows: Rows, steps: int, top: int, adjust: bool,
+                     rich: bool, want_logprobs, source, adjust_rows):
         """Up to `steps` decode steps -> (cache, state, tokens [steps, B] (−1 where nothing was made),
-        log probabilities [steps, B] with the top `logprobs` (None: not computed)). `source`: the mask
-        source (`register_masks`) each step asks for the rows' grammar masks (None: no masks)."""
+        log probabilities [steps, B] with the `top` most likely tokens (None unless `rich`; zeros unless
+        `want_logprobs`)). `source`: the mask source (`register_masks`) each step asks for the rows'
+        grammar masks (−1: none). `adjust_rows` (int32 0 or 1): the rich program's `adjust`.
+
+        A plain program (`rich` False) samples alone, with the logit adjustments traced in or not
+        (`adjust`). The rich one takes logprobs, masks and adjustments as runtime operands, each step's
+        work for them chosen by one `lax.switch` a step, so that one program serves every request
+        with logprobs, a grammar or both, and the scheduler's warm-up can build it: such a request
+        never waits for a compile. The switch costs XLA CPU ~0.1 ms a step (BENCHMARKS.md,
+        "Constrained decoding"), so batches without either keep the plain programs."""
         self.traces["decode"] += 1
         b = state.tokens.shape[0]
 
@@ -395,16 +423,15 @@ class Generator:
             # and on CPU every bf16 weight upcast to f32, embedding table included). Measured on the
             # CPU bench config: 61 vs 78 ms per step at 8 steps per call (BENCHMARKS.md (Generation)).
             params_ = jax.lax.optimization_barrier((params, i))[0]
-            # Asked for before the forward pass, which does not need them: the host computes the masks
-            # while the device computes the logits.
-            allowed = None if source is None else self._step_masks(source, state)
             positions = jnp.where(state.done, -1, state.positions)  # done rows write nothing
             logits, cache = self._absorbed.apply({"params": params_}, state.tokens[:, None], positions[:, None],
                                                  cache)
-            nxt = _next(logits[:, 0], state, rows, adjust, allowed)
-            if logprobs is not None:
-                lps = jax.tree.map(lambda all_, one: all_.at[i].set(one), lps,
-                                   token_logprobs(logits[:, 0], nxt, logprobs))
+            if not rich:
+                nxt = _next(logits[:, 0], state, rows, adjust)
+            else:
+                masks = lambda: self._step_masks(source, state)  # noqa: E731 - called in the masked branches only
+                nxt, step = _next_rich(logits[:, 0], state, rows, masks, source >= 0, adjust_rows, want_logprobs, top)
+                lps = jax.tree.map(lambda all_, one: all_.at[i].set(one), lps, step)
             state, emitted = _advance(state, nxt, rows)
             return i + 1, cache, state, out.at[i].set(emitted), lps
 
@@ -413,9 +440,8 @@ class Generator:
             return (i < steps) & ~jnp.all(state.done)
 
         out = jnp.full((steps, b), -1, jnp.int32)
-        lps = None if logprobs is None else LogProbs(jnp.zeros((steps, b), jnp.float32),
-                                                     jnp.zeros((steps, b, logprobs), jnp.int32),
-                                                     jnp.zeros((steps, b, logprobs), jnp.float32))
+        lps = None if not rich else LogProbs(jnp.zeros((steps, b), jnp.float32), jnp.zeros((steps, b, top), jnp.int32),
+                                             jnp.zeros((steps, b, top), jnp.float32))
         _, cache, state, out, lps = jax.lax.while_loop(more, body, (0, cache, state, out, lps))
         return self._place_cache(cache), state, out, lps
 
@@ -534,11 +560,16 @@ class Generator:
                adjust: bool = False, masks: int | None = None):
         """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B] (−1 = none),
         LogProbs [steps, B] with the top `logprobs` alternatives, or None when `logprobs` is None).
-        `adjust`: apply the rows' logit_bias and penalties (some row has them). `masks`: a mask source id
-        (`register_masks`) that gives every step the rows' grammar masks. The cache is donated: use the
-        returned one."""
-        source = None if masks is None else np.int32(masks)
-        return self._decode(self.params, cache, state, rows, steps or self.steps_per_call, logprobs, adjust, source)
+        `adjust`: apply the rows' logit_bias and penalties (some row has them; a program each way).
+        `masks`: a mask source id (`register_masks`) that gives every step the rows' grammar masks.
+        A call with logprobs (at the top TOP_LOGPROBS), masks or both runs one program (`_decode_impl`).
+        The cache is donated: use the returned one."""
+        source = np.int32(-1 if masks is None else masks)
+        top, rich = TOP_LOGPROBS if logprobs is None else logprobs, logprobs is not None or masks is not None
+        cache, state, out, lps = self._decode(self.params, cache, state, rows, steps or self.steps_per_call, top,
+                                              adjust and not rich, rich, np.bool_(logprobs is not None), source,
+                                              np.int32(adjust))
+        return cache, state, out, None if logprobs is None else lps
 
     def stream(self, requests: list[Request]) -> Iterator[list[list[int]]]:
         """Yield, per compiled call, each request's new tokens (possibly none); the last one ends with its stop."""
@@ -547,8 +578,7 @@ class Generator:
         yield [[int(emitted[i])] for i in range(len(requests))]
         done = np.asarray(state.done)
         while not done[:len(requests)].all():
-            cache, state, out, _ = self._decode(self.params, cache, state, rows, self.steps_per_call, None,
-                                                adjusts(requests))
+            cache, state, out, _ = self.decode(cache, state, rows, self.steps_per_call, None, adjusts(requests))
             out = np.asarray(out)  # blocks on each call: never queue work behind pending collectives
             done = np.asarray(state.done)
             yield [[int(x) for x in out[:, i] if x >= 0] for i in range(len(requests))]

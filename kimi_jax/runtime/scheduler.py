@@ -26,11 +26,11 @@ fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread 
        pages as a list of blocks of pages.BLOCK_POSITIONS positions (model/paged.py), whose length is
        bucketed to a power of two: a call costs what its rows hold, not the batch × its longest row.
 
-With `warm_up` the thread first builds every decode program a request without logprobs or a grammar
-can need (one per block-list length, with and without logit adjustments; `decode_block_buckets`),
-and sets `ready` only then, so a running stream never waits for a decode compile. Requests
-submitted meanwhile wait in the queue. Prefill programs (prompt length, table width and batch
-buckets) and the logprobs and grammar variants of decode are still built on first use.
+With `warm_up` the thread first builds every decode program a call can need (one per block-list
+length: plain with and without logit adjustments, and rich, which serves rows with logprobs, a
+grammar or both, adjusted or not; `decode_block_buckets`, `Generator.decode`), and sets `ready` only then, so a
+running stream never waits for a decode compile. Requests submitted meanwhile wait in the queue.
+Prefill programs (prompt length, table width and batch buckets) are still built on first use.
 
 Preemption (vLLM's "recompute") was chosen over reserving every request's worst case up front:
 a reservation of prompt + max_tokens would hold pages that most replies never fill, and the
@@ -285,17 +285,18 @@ class Scheduler:
         return block_buckets(self.max_batch, self.pages_per_seq, self.page_size)
 
     def _warm_up(self) -> None:
-        """Compile (or load from the compile cache) the decode programs any request without logprobs or a
-        grammar can need, one per block-list length (`decode_block_buckets`) with and without logit
-        adjustments, so that a decode call never waits for a compile: run each on the idle slots (all
-        done, so the loop runs no step and the pool is unchanged)."""
+        """Compile (or load from the compile cache) every decode program a call can need: per block-list
+        length (`decode_block_buckets`): plain with and without logit adjustments, and rich (logprobs,
+        grammar masks, adjustments: one program, `Generator.decode`), so that a decode call never waits for a
+        compile: run each on the idle slots (all done, so the loop runs no step and the pool is
+        unchanged)."""
         started, before = time.perf_counter(), self.compilations
         rows = jax.device_put(self._rows)
         for width in self.decode_block_buckets():
             blocks = block_list({}, pages_per_block(self.page_size), self.page_size, len(self._slots), width)
-            for adjust in (False, True):
+            for logprobs, adjust in ((None, False), (None, True), (TOP_LOGPROBS, False)):  # plain ×2, rich
                 cache, _, out, _ = self.generator.decode(with_table(self._pool, self._tables, blocks), self._state,
-                                                         rows, self.steps_per_call, None, adjust)
+                                                         rows, self.steps_per_call, logprobs, adjust)
                 self._pool = with_table(cache, None)
                 np.asarray(out)  # blocks: one program at a time
         self.metrics.warm_up_seconds = time.perf_counter() - started
