@@ -207,11 +207,11 @@ def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
 
 
 def test_the_prefill_chunk_defaults_to_the_platforms(model):
-    """128 tokens a chunk on CPU, 512 on the accelerators (BENCHMARKS.md "Paged cache"); a flag wins."""
+    """The platform's chunk unless a flag says otherwise (BENCHMARKS.md "Paged cache")."""
     from kimi_jax.serve.cli import make_scheduler, parse_args
 
     assert model.generator.backend.name == "cpu"
-    assert make_scheduler(parse_args([]), model.generator).prefill_chunk == 128
+    assert make_scheduler(parse_args([]), model.generator).prefill_chunk == 512
     assert make_scheduler(parse_args(["--prefill-chunk", "300"]), model.generator).prefill_chunk == 300
     for platform in ("gpu", "tpu"):
         stand_in = dataclasses.replace(model.generator.backend, name=platform)

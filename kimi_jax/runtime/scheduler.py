@@ -88,11 +88,12 @@ PAGE_SIZE = 64
 # Prefill tokens per scheduler iteration, by platform: a longer prompt is prefilled in chunks between
 # decode calls, and each chunk delays the running streams' next tokens by what it costs
 # (BENCHMARKS.md "Paged cache"). On CPU a chunk's cost grows faster than its length (256 tokens after
-# 3,584 cached ones took 30-65 ms, 128 took 13), and 128 keeps the p99 inter-token latency of 8
-# streams within 3x while a 4,000-token prompt is admitted (512: 3.6-6x). GPU and TPU are not
-# measured: there a chunk of a few hundred tokens costs about one decode step's weight reads, so the
-# larger default.
-PREFILL_CHUNK = {"cpu": 128}
+# 3,584 cached ones took 30-65 ms, 128 took 13), and `--prefill-chunk 128` keeps the p99 inter-token
+# latency of 8 streams within 3x while a 4,000-token prompt is admitted (512: 3.6-6x). It is not the
+# CPU default: the budget also caps the short prompts admitted per iteration, and with 128 a burst of
+# 10 short requests ran at most 5 at once (tests/test_serve.py); budgeting long prompts apart is not
+# built. GPU and TPU are not measured.
+PREFILL_CHUNK = {"cpu": 512}
 PREFILL_CHUNK_ACCELERATOR = 512
 
 

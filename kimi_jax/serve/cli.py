@@ -20,7 +20,7 @@ import uvicorn
 from kimi_jax.runtime import distributed, flags, lockstep
 from kimi_jax.runtime.default_model import load_checkpoint_or_default
 from kimi_jax.runtime.engine import DTYPES
-from kimi_jax.runtime.scheduler import PAGE_SIZE, PREFILL_CHUNK, PREFILL_CHUNK_ACCELERATOR, Scheduler
+from kimi_jax.runtime.scheduler import PAGE_SIZE, PREFILL_CHUNK, Scheduler
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import MAX_BODY_BYTES, Server
 from kimi_jax.text.grammar import Grammars
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=flags.integer(1), default=None, metavar="N",
                    help="prompt tokens prefilled per scheduler iteration, between decode calls: a longer prompt "
                         "is prefilled in chunks, so running streams keep their pace while it is admitted "
-                        f"(default {PREFILL_CHUNK['cpu']} on CPU, {PREFILL_CHUNK_ACCELERATOR} on GPU and TPU)")
+                        f"(default {PREFILL_CHUNK['cpu']}; on CPU 128 keeps them steadier, BENCHMARKS.md)")
     p.add_argument("--page-size", type=flags.integer(1), default=PAGE_SIZE, metavar="N",
                    help=f"KV-cache positions per page: the unit of allocation and of prefix sharing "
                         f"(default {PAGE_SIZE})")
