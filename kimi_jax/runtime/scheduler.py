@@ -85,21 +85,15 @@ MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 f
 # Positions per page: a prefix is shared in whole pages, and one page of one layer is a contiguous
 # 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
 PAGE_SIZE = 64
-# Prefill tokens per scheduler iteration, by platform: a longer prompt is prefilled in chunks between
-# decode calls, and each chunk delays the running streams' next tokens by what it costs
+# Prefill tokens per scheduler iteration: a longer prompt is prefilled in chunks between decode calls,
+# and each chunk delays the running streams' next tokens by what it costs
 # (BENCHMARKS.md "Paged cache"). On CPU a chunk's cost grows faster than its length (256 tokens after
 # 3,584 cached ones took 30-65 ms, 128 took 13), and `--prefill-chunk 128` keeps the p99 inter-token
 # latency of 8 streams within 3x while a 4,000-token prompt is admitted (512: 3.6-6x). It is not the
 # CPU default: the budget also caps the short prompts admitted per iteration, and with 128 a burst of
 # 10 short requests ran at most 5 at once (tests/test_serve.py); budgeting long prompts apart is not
 # built. GPU and TPU are not measured.
-PREFILL_CHUNK = {"cpu": 512}
-PREFILL_CHUNK_ACCELERATOR = 512
-
-
-def default_prefill_chunk(platform: str) -> int:
-    """The prefill chunk `Scheduler` uses on `platform` (its generator's backend name) unless told."""
-    return PREFILL_CHUNK.get(platform, PREFILL_CHUNK_ACCELERATOR)
+PREFILL_CHUNK = 512
 
 
 class Scheduler:
@@ -107,7 +101,7 @@ class Scheduler:
     and a pool of `num_pages` pages of `page_size` positions (default: enough for every slot to reach
     `max_context`; fewer pages is less memory, and admission then waits or preempts, see the module
     docstring). `prefix_cache` turns automatic prefix caching on. `prefill_chunk`: prompt tokens
-    prefilled per iteration (default `default_prefill_chunk` of the generator's platform).
+    prefilled per iteration.
 
     The generator is used through `cfg`, `dtype`, `mesh`, `layout`, `batch_shards`,
     `steps_per_call`, `pool_shardings`, `prefill_paged` and `decode` alone, so a stand-in with those
@@ -119,7 +113,7 @@ class Scheduler:
                  max_prefill: int = 8, steps_per_call: int | None = None,
                  lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, page_size: int = PAGE_SIZE,
                  num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None,
-                 prefill_chunk: int | None = None, warm_up: bool = False):
+                 prefill_chunk: int = PREFILL_CHUNK, warm_up: bool = False):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -132,8 +126,6 @@ class Scheduler:
                              "(--kv-pages) or lower --max-context")
         self.pages = PagePool(-(-num_pages // shards) * shards, page_size, prefix_cache)  # split like the batch
         self.max_queue, self.max_prefill = max_queue, max_prefill
-        if prefill_chunk is None:  # the platform's (a stand-in generator without a backend: the accelerators')
-            prefill_chunk = default_prefill_chunk(getattr(getattr(generator, "backend", None), "name", ""))
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk

@@ -65,10 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="waiting requests before answering 429 (default 256)")
     p.add_argument("--max-prefill", type=flags.integer(1), default=4, metavar="N",
                    help="requests prefilled together when several wait (default 4)")
-    p.add_argument("--prefill-chunk", type=flags.integer(1), default=None, metavar="N",
+    p.add_argument("--prefill-chunk", type=flags.integer(1), default=PREFILL_CHUNK, metavar="N",
                    help="prompt tokens prefilled per scheduler iteration, between decode calls: a longer prompt "
                         "is prefilled in chunks, so running streams keep their pace while it is admitted "
-                        f"(default {PREFILL_CHUNK['cpu']}; on CPU 128 keeps them steadier, BENCHMARKS.md)")
+                        f"(default {PREFILL_CHUNK}; on CPU 128 keeps them steadier, BENCHMARKS.md)")
     p.add_argument("--page-size", type=flags.integer(1), default=PAGE_SIZE, metavar="N",
                    help=f"KV-cache positions per page: the unit of allocation and of prefix sharing "
                         f"(default {PAGE_SIZE})")
