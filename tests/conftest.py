@@ -67,3 +67,24 @@ def pytest_collection_modifyitems(config, items):
     if untiered:
         raise pytest.UsageError(f"tests without exactly one tier marker {TIERS}: {untiered[:5]}; add "
                                 "`pytestmark = pytest.mark.<tier>` to the module")
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_schedulers_a_test_started(monkeypatch):
+    """A test that fails before it stops its schedulers would leave their model threads running into
+    the next tests of its process (on the same cores and devices, often on a shared generator): stop
+    every scheduler the test started that still runs. Schedulers of module fixtures are started
+    before this fixture and stopped by their own."""
+    from kimi_jax.runtime.scheduler import Scheduler  # deferred: JAX starts after the flags above
+
+    started, start = [], Scheduler.start
+
+    def recording(self):
+        started.append(self)
+        return start(self)
+
+    monkeypatch.setattr(Scheduler, "start", recording)
+    yield
+    for scheduler in started:
+        if scheduler._thread is not None and scheduler._thread.is_alive():
+            scheduler.stop()

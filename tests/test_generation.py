@@ -115,6 +115,42 @@ def test_batched_equals_unbatched(kimi):
         kimi.generate(PROMPTS[:1], temperature=0.9, seed=4, max_new_tokens=8)
 
 
+def test_threads_sharing_a_generator_take_turns(kimi, monkeypatch):
+    """Three threads generating on one generator: no two of its programs run at once (each call holds
+    the generator until its results are ready), and each thread gets what it gets alone."""
+    import threading
+    import time
+
+    gen = kimi.generator
+    alone = [kimi.generate([p], max_new_tokens=6, temperature=0)[0] for p in PROMPTS]
+    running, most = [0], [0]
+
+    def counted(compiled):
+        def run(*args):
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            out = jax.block_until_ready(compiled(*args))
+            time.sleep(0.01)  # widen the window a concurrent call would land in
+            running[0] -= 1
+            return out
+        return run
+
+    monkeypatch.setattr(gen, "_decode", counted(gen._decode))
+    monkeypatch.setattr(gen, "_prefill", counted(gen._prefill))
+    got = [None] * len(PROMPTS)
+
+    def worker(i):
+        got[i] = kimi.generate([PROMPTS[i]], max_new_tokens=6, temperature=0)[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == alone
+    assert most[0] == 1
+
+
 def test_prompt_lengths_share_a_compiled_program(kimi):
     gen = kimi.generator
     kimi.generate([[3] * 4], max_new_tokens=3, temperature=0)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -294,6 +296,19 @@ def _advance(state: DecodeState, nxt: jax.Array, rows: Rows) -> tuple[DecodeStat
     return new, jnp.where(live, nxt, -1)
 
 
+def _one_call_at_a_time(method):
+    """Run a Generator method under the generator's lock until its results are ready: threads that
+    share one generator (in-process lockstep tests, `Model.chat` beside a server) take turns instead
+    of running its programs concurrently on the same devices, where XLA CPU interleaves them (and
+    their host callbacks and collectives) in no fixed order. Uncontended, as with one scheduler per
+    process, it costs nothing: every caller blocks on the results anyway."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._turn:
+            return jax.block_until_ready(method(self, *args, **kwargs))
+    return run
+
+
 # The engine -------------------------------------------------------------------------------------
 class Generator:
     """Compiled prefill and decode for one model; `stream` runs a batch of requests.
@@ -317,6 +332,7 @@ class Generator:
         self._expanded = Transformer(cfg, absorb=False, backend=backend, dtype=self.dtype, layout=layout)
         self._absorbed = Transformer(cfg, absorb=True, backend=backend, dtype=self.dtype, layout=layout)
         self.traces: collections.Counter = collections.Counter()  # programs built per function (tests, /metrics)
+        self._turn = threading.RLock()  # one prefill or decode call at a time (`_one_call_at_a_time`)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
         self._prefill_paged = jax.jit(self._prefill_paged_impl, static_argnums=(13,), donate_argnums=(1, 2))
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
@@ -464,6 +480,7 @@ class Generator:
         return len(self._mask_sources) - 1
 
     # Host side ----------------------------------------------------------------------------------
+    @_one_call_at_a_time
     def prefill_prompts(self, requests: list[Request], allowed: np.ndarray | None = None):
         """Prefill alone: (last logits, T-slot prompt cache, state, rows, first tokens) on device, batch bucketed,
         one row per request. Requests with the same prompt share one prefill (the `n` samples of a request).
@@ -487,6 +504,7 @@ class Generator:
                                                     row_lengths, rows, allowed, adjusts(requests))
         return logits, small, state, rows, first
 
+    @_one_call_at_a_time
     def prefill_paged(self, pool: dict[str, PagedCache], counts: jax.Array, requests: list[Request],
                       slots: Sequence[int], tables: np.ndarray, starts: Sequence[int],
                       histories: Sequence[Sequence[int]], allowed: np.ndarray | None = None,
@@ -556,6 +574,7 @@ class Generator:
         s = min(length_bucket(need, 64), self.cfg.max_position_embeddings)
         return logits, self._place(small, max(s, t)), state, rows, first
 
+    @_one_call_at_a_time
     def decode(self, cache, state: DecodeState, rows: Rows, steps: int | None = None, logprobs: int | None = None,
                adjust: bool = False, masks: int | None = None):
         """One compiled decode call of up to `steps` steps -> (cache, state, tokens [steps, B] (−1 = none),
