@@ -207,12 +207,16 @@ def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
 
 
 def test_the_prefill_chunk_is_512_unless_a_flag_says(model):
-    """serve's --prefill-chunk reaches the scheduler, whose default it shares (BENCHMARKS.md "Paged cache")."""
+    """serve's --prefill-chunk and --long-prefill-chunk reach the scheduler, whose defaults they share
+    (BENCHMARKS.md "Paged cache")."""
     from kimi_jax.serve.cli import make_scheduler, parse_args
 
     assert make_scheduler(parse_args([]), model.generator).prefill_chunk == 512
     assert Scheduler(model.generator).prefill_chunk == 512
     assert make_scheduler(parse_args(["--prefill-chunk", "128"]), model.generator).prefill_chunk == 128
+    assert Scheduler(model.generator).long_prefill_chunk == 128  # long prompts' share (BENCHMARKS.md)
+    assert make_scheduler(parse_args(["--long-prefill-chunk", "64"]), model.generator).long_prefill_chunk == 64
+    assert Scheduler(model.generator, prefill_chunk=32).long_prefill_chunk == 32  # never more than the budget
 
 
 def test_warm_up_builds_every_decode_program_before_ready(model):
@@ -333,6 +337,49 @@ class _Recording:
     def decode(self, cache, state, *args):
         self.calls.append(("decode", int((~np.asarray(state.done)).sum())))
         return self.generator.decode(cache, state, *args)
+
+
+class _Chunks(_Recording):
+    """`_Recording` that logs each prefill call's chunks as ("prefill", {(prompt length, start, end)})."""
+
+    def prefill_paged(self, pool, counts, requests, slots, tables, starts, histories, allowed=None, ends=None):
+        seqs = [r.prompt + tuple(h) for r, h in zip(requests, histories)]
+        self.calls.append(("prefill", {(len(sq), st, e) for sq, st, e in zip(seqs, starts, ends)}))
+        return self.generator.prefill_paged(pool, counts, requests, slots, tables, starts, histories, allowed, ends)
+
+
+def test_a_long_prompt_takes_its_own_share_of_the_budget(model):
+    """Budget 20 tokens per iteration, long prompts (longer than 20) at most 4 of it: a 30-token prompt
+    arriving with 3 short ones is prefilled 4 tokens an iteration, its last chunk too, while the short
+    ones come in whole at once, and every reply is its reply alone."""
+    long, short = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3] * 3, [LONG[1], LONG[3], LONG[4]]
+    new = [12, 24, 24, 24]  # the short ones decode while the long one is prefilled
+    want = [model.generate([p], max_new_tokens=n, temperature=0)[0] for p, n in zip([long, *short], new)]
+    gen = _Chunks(model.generator)
+    sched = Scheduler(gen, max_batch=4, max_context=64, page_size=8, prefill_chunk=20, long_prefill_chunk=4,
+                      steps_per_call=2, prefix_cache=False)
+    outs = []
+    for p, n in zip([long, *short], new):  # queued before the model thread starts: one iteration sees them all
+        out, sink = _collect()
+        sched.submit(_request(model, p, n), sink)
+        outs.append(out)
+    sched.start()
+    for out in outs:
+        assert out["done"].wait(300)
+    sched.stop()
+    assert [o["tokens"] for o in outs] == want
+    iterations, current = [], []  # the chunks prefilled between decode calls
+    for kind, chunks in gen.calls:
+        if kind == "decode":
+            iterations.append(current)
+            current = []
+        else:
+            current += chunks
+    iterations.append(current)
+    assert sorted(iterations[0]) == sorted([(30, 0, 4)] + [(len(p), 0, len(p)) for p in short])
+    of_long = [(st, e) for chunks in iterations for n, st, e in chunks if n == 30]
+    assert of_long == [(st, min(st + 4, 30)) for st in range(0, 30, 4)]
+    assert all(sum(n == 30 for n, _, _ in chunks) <= 1 for chunks in iterations)  # one chunk an iteration
 
 
 def test_chunked_prefill_interleaves_decode_and_keeps_replies(model, alone):

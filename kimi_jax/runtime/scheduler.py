@@ -15,6 +15,8 @@ fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread 
        each job's first token once its whole prompt is in. A prompt longer than what is left of the
        budget is prefilled in chunks over several iterations (chunked prefill), so a long prompt
        delays the running streams' next decode call by one chunk's prefill, not its whole length;
+       prompts longer than `prefill_chunk` take at most `long_prefill_chunk` of the budget between
+       them (short prompts keep the rest);
     3. give each running sequence the pages its next decode call may write; when the pool runs out,
        preempt the youngest running sequence (the last admitted): its pages are released (its full
        pages stay in the prefix cache) and it goes back to the front of the queue, to be recomputed
@@ -86,14 +88,18 @@ MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 f
 # 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
 PAGE_SIZE = 64
 # Prefill tokens per scheduler iteration: a longer prompt is prefilled in chunks between decode calls,
-# and each chunk delays the running streams' next tokens by what it costs
-# (BENCHMARKS.md "Paged cache"). On CPU a chunk's cost grows faster than its length (256 tokens after
-# 3,584 cached ones took 30-65 ms, 128 took 13), and `--prefill-chunk 128` keeps the p99 inter-token
-# latency of 8 streams within 3x while a 4,000-token prompt is admitted (512: 3.6-6x). It is not the
-# CPU default: the budget also caps the short prompts admitted per iteration, and with 128 a burst of
-# 10 short requests ran at most 5 at once (tests/test_serve.py); budgeting long prompts apart is not
-# built. GPU and TPU are not measured.
+# and each chunk delays the running streams' next tokens by what it costs (BENCHMARKS.md "Paged
+# cache"). A chunk's cost grows faster than its length (on CPU 256 tokens after 3,584 cached ones
+# took 30-65 ms, 128 took 13), so a prompt longer than the budget (a long prompt) takes at most
+# LONG_PREFILL_CHUNK of it per iteration, long prompts together, while short prompts are still
+# admitted whole up to PREFILL_CHUNK tokens (one budget of 128 for all let a burst of 10 short
+# requests run at most 5 at once, tests/test_serve.py). Measured on CPU with 8 streams running while
+# a 4,000-token prompt is admitted: their p99 inter-token latency 1.7-1.8x the same streams' median
+# without it, against 2.9-4.7x with 512 for the long prompt too; the long prompt's own first token
+# comes 2.7x later. vLLM's `long_prefill_token_threshold` makes the same split. GPU and TPU are not
+# measured.
 PREFILL_CHUNK = 512
+LONG_PREFILL_CHUNK = 128
 
 
 class Scheduler:
@@ -101,7 +107,8 @@ class Scheduler:
     and a pool of `num_pages` pages of `page_size` positions (default: enough for every slot to reach
     `max_context`; fewer pages is less memory, and admission then waits or preempts, see the module
     docstring). `prefix_cache` turns automatic prefix caching on. `prefill_chunk`: prompt tokens
-    prefilled per iteration.
+    prefilled per iteration, of which prompts longer than that take at most `long_prefill_chunk`
+    (see PREFILL_CHUNK).
 
     The generator is used through `cfg`, `dtype`, `mesh`, `layout`, `batch_shards`,
     `steps_per_call`, `pool_shardings`, `prefill_paged` and `decode` alone, so a stand-in with those
@@ -113,7 +120,8 @@ class Scheduler:
                  max_prefill: int = 8, steps_per_call: int | None = None,
                  lockstep_: lockstep.Lockstep | lockstep.Solo | None = None, page_size: int = PAGE_SIZE,
                  num_pages: int | None = None, prefix_cache: bool = True, grammars: Grammars | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, warm_up: bool = False):
+                 prefill_chunk: int = PREFILL_CHUNK, long_prefill_chunk: int = LONG_PREFILL_CHUNK,
+                 warm_up: bool = False):
         shards = generator.batch_shards
         self.generator = generator
         self.max_batch = -(-max_batch // shards) * shards  # the mesh splits the batch evenly
@@ -126,9 +134,10 @@ class Scheduler:
                              "(--kv-pages) or lower --max-context")
         self.pages = PagePool(-(-num_pages // shards) * shards, page_size, prefix_cache)  # split like the batch
         self.max_queue, self.max_prefill = max_queue, max_prefill
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        for name, value in (("prefill_chunk", prefill_chunk), ("long_prefill_chunk", long_prefill_chunk)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1 token, got {value}")
+        self.prefill_chunk, self.long_prefill_chunk = prefill_chunk, min(long_prefill_chunk, prefill_chunk)
         self.steps_per_call = steps_per_call or generator.steps_per_call
         self.metrics = Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -383,28 +392,43 @@ class Scheduler:
                 self._free(slot)
 
     def _admit(self) -> None:
-        """Spend this iteration's prefill budget (`prefill_chunk` tokens): the next chunks of prompts
-        under way, then waiting jobs into free slots while their pages fit (several calls if room)."""
-        budget = self.prefill_chunk
-        while budget > 0:
+        """Spend this iteration's prefill budget (`prefill_chunk` tokens, of which long prompts take at
+        most `long_prefill_chunk`): the next chunks of prompts under way, then waiting jobs into free
+        slots while their pages fit (several calls if room)."""
+        budget = [self.prefill_chunk, self.long_prefill_chunk]  # [all prompts, long ones], spent by `_pick`
+        while budget[0] > 0:
             picked = self._pick(budget)
             if not picked:
                 return
-            budget -= self._prefill(picked)
+            self._prefill(picked)
 
-    def _pick(self, budget: int) -> list[_Chunk]:
-        """This prefill call's chunks, within `budget` tokens: prompts under way first (oldest first),
+    def _chunk_end(self, seq: tuple[int, ...], start: int, budget: list[int]) -> int | None:
+        """Where the chunk of `seq` from `start` ends within `budget` (spent), or None when nothing is
+        left for it. A sequence longer than `prefill_chunk` is long: every chunk of it draws on the
+        long prompts' share too, its last included (the last is the one after the most cached
+        positions, the dearest per token)."""
+        long = len(seq) > self.prefill_chunk
+        take = min(budget[0], budget[1]) if long else budget[0]
+        if take <= 0:
+            return None
+        budget[0] -= min(take, len(seq) - start)
+        if long:
+            budget[1] -= take
+        return min(len(seq), start + take)
+
+    def _pick(self, budget: list[int]) -> list[_Chunk]:
+        """This prefill call's chunks, within `budget` (`_admit`): prompts under way first (oldest first),
         then waiting jobs, oldest first. The head of the queue waits (and so does everyone behind it)
-        until its pages are available."""
+        until its pages are available, or until the next iteration when the budget is spent."""
         picked, ends = [], {}  # ends: (sequence, start) -> end of the chunk computed for it
         for slot in sorted(self._partial, key=self._admitted_at.__getitem__):
             job, start = self._slots[slot], self._partial[slot]
             seq = _sequence(job)
             if (seq, start) not in ends:  # else the same tokens as a chunk picked already: computed once
-                if budget <= 0 or len(ends) >= self.max_prefill:
+                end = None if len(ends) >= self.max_prefill else self._chunk_end(seq, start, budget)
+                if end is None:
                     continue
-                ends[seq, start] = min(len(seq), start + budget)
-                budget -= ends[seq, start] - start
+                ends[seq, start] = end
             picked.append(_Chunk(job, slot, self._held[slot], start, ends[seq, start], new=False))
         free = [i for i, j in enumerate(self._slots) if j is None]
         while self._waiting and free:
@@ -414,8 +438,10 @@ class Scheduler:
             hit = self.pages.match(seq, limit=(len(seq) - 1) // self.page_size)
             start = len(hit) * self.page_size
             shared = (seq, start) in ends  # the same tokens as a job picked already: computed once
-            if not shared and (budget <= 0 or len(ends) >= self.max_prefill):
-                break
+            if not shared:
+                left = min(budget) if len(seq) > self.prefill_chunk else budget[0]  # long: both shares
+                if left <= 0 or len(ends) >= self.max_prefill:
+                    break
             need = pages_for(self._reach(job, len(seq)), self.page_size) - len(hit)
             if need > self.pages.available - self.pages.cached_among(hit):
                 break
@@ -428,8 +454,7 @@ class Scheduler:
             self.pages.acquire(hit)
             pages = hit + self.pages.allocate(need)
             if not shared:
-                ends[seq, start] = min(len(seq), start + budget)
-                budget -= ends[seq, start] - start
+                ends[seq, start] = self._chunk_end(seq, start, budget)
             picked.append(_Chunk(job, free.pop(0), pages, start, ends[seq, start], new=True))
         return picked
 

@@ -20,7 +20,7 @@ import uvicorn
 from kimi_jax.runtime import distributed, flags, lockstep
 from kimi_jax.runtime.default_model import load_checkpoint_or_default
 from kimi_jax.runtime.engine import DTYPES
-from kimi_jax.runtime.scheduler import PAGE_SIZE, PREFILL_CHUNK, Scheduler
+from kimi_jax.runtime.scheduler import LONG_PREFILL_CHUNK, PAGE_SIZE, PREFILL_CHUNK, Scheduler
 from kimi_jax.serve.app import create_app
 from kimi_jax.serve.server import MAX_BODY_BYTES, Server
 from kimi_jax.text.grammar import Grammars
@@ -68,7 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=flags.integer(1), default=PREFILL_CHUNK, metavar="N",
                    help="prompt tokens prefilled per scheduler iteration, between decode calls: a longer prompt "
                         "is prefilled in chunks, so running streams keep their pace while it is admitted "
-                        f"(default {PREFILL_CHUNK}; on CPU 128 keeps them steadier, BENCHMARKS.md)")
+                        f"(default {PREFILL_CHUNK})")
+    p.add_argument("--long-prefill-chunk", type=flags.integer(1), default=LONG_PREFILL_CHUNK, metavar="N",
+                   help="of those, the most that prompts longer than --prefill-chunk take per iteration, so that "
+                        "admitting one costs the running streams less per token while short prompts still come in "
+                        f"whole (default {LONG_PREFILL_CHUNK}; BENCHMARKS.md \"Paged cache\")")
     p.add_argument("--page-size", type=flags.integer(1), default=PAGE_SIZE, metavar="N",
                    help=f"KV-cache positions per page: the unit of allocation and of prefix sharing "
                         f"(default {PAGE_SIZE})")
@@ -116,7 +120,8 @@ def make_scheduler(args: argparse.Namespace, generator, tokenizer=None, lockstep
     return Scheduler(generator, max_batch=args.max_batch, max_context=args.max_context, max_queue=args.max_queue,
                      max_prefill=args.max_prefill, steps_per_call=args.steps_per_call, lockstep_=lockstep_,
                      page_size=args.page_size, num_pages=args.kv_pages, prefix_cache=args.prefix_cache,
-                     grammars=grammars, prefill_chunk=args.prefill_chunk, warm_up=args.warm_up)
+                     grammars=grammars, prefill_chunk=args.prefill_chunk,
+                     long_prefill_chunk=args.long_prefill_chunk, warm_up=args.warm_up)
 
 
 def _follower_before_joining(args: argparse.Namespace) -> tuple[int, int, str] | None:
