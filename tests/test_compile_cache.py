@@ -1,4 +1,5 @@
-"""The persistent compile cache: deviceless TPU programs stay out of it (runtime/targets.py)."""
+"""The persistent compile cache: one directory per process layout; deviceless TPU programs stay out of
+it (runtime/targets.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +19,16 @@ def test_deviceless_compiles_stay_out_of_the_persistent_cache(tmp_path):
     jax.config.update("jax_compilation_cache_dir", None)
     compilation_cache.reset_cache()
     try:
-        enable_compile_cache(tmp_path)
+        directory = enable_compile_cache(tmp_path)
+        # One process with 8 CPU devices (tests/conftest.py): a multi-process run has a folder of its own.
+        assert directory == tmp_path / "1x8" and jax.config.jax_compilation_cache_dir == str(directory)
         jax.jit(lambda x: x * 2)(jnp.ones(3)).block_until_ready()
-        entries = len(list(tmp_path.iterdir()))
+        entries = len(list(directory.iterdir()))
         with no_persistent_cache():
             jax.jit(lambda x: x * 3)(jnp.ones(3)).block_until_ready()
-        assert len(list(tmp_path.iterdir())) == entries >= 1
+        assert len(list(directory.iterdir())) == entries >= 1
         jax.jit(lambda x: x * 4)(jnp.ones(3)).block_until_ready()
-        assert len(list(tmp_path.iterdir())) == entries + 1
+        assert len(list(directory.iterdir())) == entries + 1
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
         compilation_cache.reset_cache()

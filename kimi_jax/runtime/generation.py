@@ -76,8 +76,12 @@ def cache_root() -> Path:
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compile cache (idempotent); returns its directory, or None if off.
 
-    Directory: `path`, else $KIMI_JAX_COMPILE_CACHE ("off" disables), else <cache_root>/xla. A
-    directory the user already configured (JAX_COMPILATION_CACHE_DIR) is kept. The size and
+    Directory: `path`, else $KIMI_JAX_COMPILE_CACHE ("off" disables), else <cache_root>/xla, then a
+    folder per process layout, "<processes>x<local devices>" (call it after jax.distributed joins):
+    JAX's cache key leaves out the process count and the CPU device count (it drops
+    --xla_force_host_platform_device_count), so without it one process would load the program that
+    process 0 of a multi-process run compiled, collectives across processes included. A directory
+    the user already configured (JAX_COMPILATION_CACHE_DIR) is kept as it is. The size and
     compile-time thresholds are dropped so the small programs of tiny models are cached too.
     """
     setting = str(path) if path is not None else os.environ.get(COMPILE_CACHE_ENV, "")
@@ -87,6 +91,7 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
     if current:
         return Path(current)
     directory = Path(setting).expanduser() if setting else cache_root() / "xla"
+    directory = directory / f"{jax.process_count()}x{jax.local_device_count()}"
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
