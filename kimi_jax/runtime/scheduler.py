@@ -402,19 +402,22 @@ class Scheduler:
                 return
             self._prefill(picked)
 
+    def _share(self, seq: tuple[int, ...], budget: list[int]) -> int:
+        """Tokens of `budget` a chunk of `seq` may take. A sequence longer than `prefill_chunk` is long:
+        every chunk of it draws on the long prompts' share too, its last included (the last is the one
+        after the most cached positions, the dearest per token)."""
+        return min(budget) if len(seq) > self.prefill_chunk else budget[0]
+
     def _chunk_end(self, seq: tuple[int, ...], start: int, budget: list[int]) -> int | None:
         """Where the chunk of `seq` from `start` ends within `budget` (spent), or None when nothing is
-        left for it. A sequence longer than `prefill_chunk` is long: every chunk of it draws on the
-        long prompts' share too, its last included (the last is the one after the most cached
-        positions, the dearest per token)."""
-        long = len(seq) > self.prefill_chunk
-        take = min(budget[0], budget[1]) if long else budget[0]
+        left for it (`_share`)."""
+        take = min(self._share(seq, budget), len(seq) - start)
         if take <= 0:
             return None
-        budget[0] -= min(take, len(seq) - start)
-        if long:
+        budget[0] -= take
+        if len(seq) > self.prefill_chunk:
             budget[1] -= take
-        return min(len(seq), start + take)
+        return start + take
 
     def _pick(self, budget: list[int]) -> list[_Chunk]:
         """This prefill call's chunks, within `budget` (`_admit`): prompts under way first (oldest first),
@@ -438,10 +441,8 @@ class Scheduler:
             hit = self.pages.match(seq, limit=(len(seq) - 1) // self.page_size)
             start = len(hit) * self.page_size
             shared = (seq, start) in ends  # the same tokens as a job picked already: computed once
-            if not shared:
-                left = min(budget) if len(seq) > self.prefill_chunk else budget[0]  # long: both shares
-                if left <= 0 or len(ends) >= self.max_prefill:
-                    break
+            if not shared and (self._share(seq, budget) <= 0 or len(ends) >= self.max_prefill):
+                break
             need = pages_for(self._reach(job, len(seq)), self.page_size) - len(hit)
             if need > self.pages.available - self.pages.cached_among(hit):
                 break
