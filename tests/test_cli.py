@@ -10,7 +10,7 @@ import pytest
 
 from kimi_jax import generate as cli
 from kimi_jax.config import TINY_KIMI
-from kimi_jax.runtime.generation import cache_root
+from kimi_jax.runtime.compile_cache import cache_root
 from kimi_jax.text.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.generation

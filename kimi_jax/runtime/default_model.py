@@ -27,8 +27,8 @@ from pathlib import Path
 from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.config import TINY_KIMI, Config
 from kimi_jax.model.weights import random_params
+from kimi_jax.runtime.compile_cache import cache_root
 from kimi_jax.runtime.engine import load
-from kimi_jax.runtime.generation import cache_root
 from kimi_jax.text.tokenizer import train_bpe_ranks, write_tiktoken_file
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # kimi_jax/assets

@@ -12,7 +12,7 @@ Per layer and token the cache holds the normalised latent and the roped shared k
 in the latent space, so per-head keys and values are never built for cached tokens.
 
 Shapes are bucketed (batch to a power of two, prompt and cache lengths to 2^k or 1.5·2^k), so a
-new prompt length reuses a compiled program; the persistent compile cache (`enable_compile_cache`)
+new prompt length reuses a compiled program; the persistent compile cache (runtime/compile_cache.py)
 carries programs across runs. Each row is one sequence in slots 0..len−1, so rows of different
 lengths never interact: batched greedy tokens equal unbatched ones.
 
@@ -26,10 +26,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +40,7 @@ from kimi_jax.model.backend import REFERENCE, Backend
 from kimi_jax.model.decoder import Transformer, init_cache, vocab_logits
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.model.paged import PagedCache, pool_axes, with_table
+from kimi_jax.runtime.compile_cache import enable_compile_cache
 from kimi_jax.runtime.host_call import host_call
 from kimi_jax.runtime.sampling import (
     DEFAULT_TEMPERATURE,
@@ -59,44 +58,6 @@ from kimi_jax.text.tool_calls import parse_tool_calls
 
 STEPS_PER_CALL = 8  # decode steps per compiled call; see BENCHMARKS.md (Generation)
 
-
-# Compile cache ----------------------------------------------------------------------------------
-CACHE_ENV = "KIMI_JAX_CACHE"  # root of everything kimi_jax caches (default ~/.cache/kimi_jax)
-COMPILE_CACHE_ENV = "KIMI_JAX_COMPILE_CACHE"  # compile cache dir, or "off" to disable
-
-
-def cache_root() -> Path:
-    """$KIMI_JAX_CACHE, else $XDG_CACHE_HOME/kimi_jax, else ~/.cache/kimi_jax."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kimi_jax"
-
-
-def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compile cache (idempotent); returns its directory, or None if off.
-
-    Directory: `path`, else $KIMI_JAX_COMPILE_CACHE ("off" disables), else <cache_root>/xla, then a
-    folder per process layout, "<processes>x<local devices>" (call it after jax.distributed joins):
-    JAX's cache key leaves out the process count and the CPU device count (it drops
-    --xla_force_host_platform_device_count), so without it one process would load the program that
-    process 0 of a multi-process run compiled, collectives across processes included. A directory
-    the user already configured (JAX_COMPILATION_CACHE_DIR) is kept as it is. The size and
-    compile-time thresholds are dropped so the small programs of tiny models are cached too.
-    """
-    setting = str(path) if path is not None else os.environ.get(COMPILE_CACHE_ENV, "")
-    if setting.lower() in ("off", "0", "false", "none"):
-        return None
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return Path(current)
-    directory = Path(setting).expanduser() if setting else cache_root() / "xla"
-    directory = directory / f"{jax.process_count()}x{jax.local_device_count()}"
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return directory
 
 
 # Buckets ----------------------------------------------------------------------------------------
