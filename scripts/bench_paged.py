@@ -1,4 +1,4 @@
-"""Serving over the paged cache: capacity, prefix caching in the model card's tool loop, and the
+"""Serving over the paged cache: the warm-up, capacity, prefix caching in the model card's tool loop, and the
 inter-token latency of running streams while a long prompt is admitted (chunked prefill).
 
     python scripts/bench_paged.py                      # all three, embedded default model
@@ -19,15 +19,22 @@ from kimi_jax.bench import paged
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["capacity", "prefix", "itl", "calls"], action="append",
+    p.add_argument("--only", choices=["capacity", "prefix", "itl", "calls", "warmup"], action="append",
                    help="run only these scenarios (repeatable; default all)")
     p.add_argument("--chunks", default="128,256,512,4096", metavar="N,N,...",
                    help="the --prefill-chunk values the itl scenario runs (default 128,256,512,4096)")
     p.add_argument("server_flags", nargs="*", help="flags for every server (after --)")
     args = p.parse_args()
-    only = args.only or ["capacity", "prefix", "itl", "calls"]
+    only = args.only or ["warmup", "capacity", "prefix", "itl", "calls"]
     flags = args.server_flags
     print(f"# {' '.join(['python', *sys.argv])} on {platform.node()} ({platform.processor() or platform.machine()})")
+    if "warmup" in only:
+        print("| start | launch -> ready s | warm-up s | programs built | compiled after ready |")
+        print("|---|---|---|---|---|")
+        for r in paged.warm_up(flags):
+            print(f"| {r['start']} | {r['ready_s']} | {r['warm_up_s']} | {r['warm_up_programs']} "
+                  f"| {r['compiled_after_ready']} |", flush=True)
+        print()
     if "capacity" in only:
         print("| requests at once | positions each | KV positions | most running at once | preemptions | wall s |")
         print("|---|---|---|---|---|---|")

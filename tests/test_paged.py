@@ -219,27 +219,39 @@ def test_the_prefill_chunk_is_512_unless_a_flag_says(model):
     assert Scheduler(model.generator, prefill_chunk=32).long_prefill_chunk == 32  # never more than the budget
 
 
-def test_warm_up_builds_every_decode_program_before_ready(model):
-    """With warm_up the scheduler builds the decode programs of every block-list length (plain with and
-    without logit adjustments, and the rich one for logprobs and grammars) before `ready`; requests of
-    every length, one with a logit_bias, one with logprobs and one constrained by a JSON Schema, then
-    compile no decode program, their replies are those of a scheduler that compiles as it goes, and
-    /metrics says how many programs the warm-up built."""
+def test_warm_up_builds_every_program_before_ready(model):
+    """With warm_up the scheduler builds every program a call can need before `ready` (runtime/programs.py):
+    decode per block-list length (plain with and without logit adjustments, rich), and the prefill
+    ones. Then requests of every kind (chunked long prompts, a logit_bias and penalties, logprobs, a
+    JSON Schema, two samples sharing a prompt, preemption when the pool runs out) build nothing more,
+    their replies are those of a scheduler that compiles as it goes, and /metrics says how many
+    programs the warm-up built."""
     g = model.generator
     fresh = generation.Generator(model.config, g.params, g.dtype, g.backend)  # nothing compiled yet
-    kwargs = dict(max_batch=2, max_context=1024, page_size=64)  # blocks of 4 pages: up to 8 in a call
+    # Blocks of 4 pages (up to 16 in a call); 26 pages take the 900-, 600- and 20-token prompts at once,
+    # and their replies then need more.
+    kwargs = dict(max_batch=4, max_context=1024, page_size=64, num_pages=26)
     kwargs["grammars"] = Grammars(model.tokenizer, model.config.padded_vocab_size)
     sched = Scheduler(fresh, warm_up=True, **kwargs).start()
     assert sched.ready.wait(600)
-    assert sched.decode_block_buckets() == [4, 8]
-    assert fresh.traces["decode"] == 6 == sched.metrics.warm_up_compilations
+    shapes = sched.shapes
+    assert sched.decode_block_buckets() == [4, 8, 16] and shapes.widths() == [16]
+    assert shapes.chunks() == [(1, 32), (1, 64), (1, 128), (1, 256), (1, 512), (2, 32), (2, 64), (2, 128),
+                               (2, 256), (4, 32), (4, 64), (4, 128)]
+    built = {"decode": 9, "prefill_paged": 12, "first_tokens": 6, "first_logprobs": 3, "copy_pages": 6,
+             "set_counts": 1}
+    assert dict(fresh.traces) == built and sched.metrics.warm_up_compilations == sum(built.values())
     rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, 1000, n)) for n in (900, 600, 20, 300)]  # 4 + 3 blocks at once: 8
+    prompts = [list(rng.integers(3, 1000, n)) for n in (900, 600, 20, 300, 40)]
     requests = [_request(model, p, 12) for p in prompts]
-    requests[1] = dataclasses.replace(requests[1], sampling=SamplingParams(0.0, logit_bias=((7, 5.0),)))
+    requests[:3] = [dataclasses.replace(r, max_new_tokens=80, stop_ids=()) for r in requests[:3]]  # they grow
+    requests[1] = dataclasses.replace(requests[1], sampling=SamplingParams(0.0, presence_penalty=1.0,
+                                                                           logit_bias=((7, 5.0),)))
     requests[2] = dataclasses.replace(requests[2], logprobs=True)
     requests[3] = dataclasses.replace(requests[3], constraint=Constraint(json_grammar(
         {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})))
+    requests[4] = dataclasses.replace(requests[4], sampling=SamplingParams(0.8, seed=1))
+    requests.append(dataclasses.replace(requests[4], sampling=SamplingParams(0.8, seed=2)))  # shares its prefill
     outs = []
     for r in requests:
         out, sink = _collect()
@@ -248,10 +260,10 @@ def test_warm_up_builds_every_decode_program_before_ready(model):
     for out in outs:
         assert out["done"].wait(300)
     sched.stop()
-    assert fresh.traces["decode"] == 6, "a decode program was compiled after the warm-up"
+    assert sched.metrics.preemptions >= 1
+    assert dict(fresh.traces) == built, "a program was built after the warm-up"
     exported = dict(line.split() for line in prometheus_text(sched).splitlines() if not line.startswith("#"))
-    assert float(exported["kimi_jax_warm_up_compilations"]) == 6
-    assert float(exported["kimi_jax_compilations_total"]) > 6  # the prefill programs came after
+    assert float(exported["kimi_jax_warm_up_compilations"]) == float(exported["kimi_jax_compilations_total"]) == 37
     plain = Scheduler(g, **kwargs).start()
     for r, out in zip(requests, outs):
         again, sink = _collect()

@@ -21,6 +21,8 @@ the configurations a scenario compares run one after the other in the same invoc
   arrives is reported too. With `--prefill-chunk` 128 (the CPU default), 256, 512 (the GPU and TPU
   default) and 4096 (one chunk for the whole prompt: how the server prefilled before chunking); the
   prefix cache is off, so the long prompt is computed whole.
+- warm_up: two starts on one empty compile cache, cold and then loading from it: launch -> ready,
+  the warm-up's seconds and programs, and what a varied load compiles after ready (nothing).
 - calls (in-process, no server): one compiled call timed alone, median of 5 after a warm-up call.
   A decode call of 8 steps over 16 slots with 8 rows of 400 tokens, with and without a 9th of 4,000,
   its attention reading through the page table (every slot as far as the longest row, the width
@@ -33,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -45,6 +49,7 @@ import numpy as np
 from kimi_jax.bench.serve import chat_chunks
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import generation
+from kimi_jax.runtime.compile_cache import COMPILE_CACHE_ENV
 from kimi_jax.runtime.default_model import load_default
 from kimi_jax.runtime.pages import decode_blocks, pages_for, table_width
 
@@ -57,13 +62,15 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 @contextlib.contextmanager
-def serve(*flags: str) -> Iterator[str]:
-    """`python -m kimi_jax.serve FLAGS` on a free port: yields its URL once /health answers 200."""
+def serve(*flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m kimi_jax.serve FLAGS` on a free port (with `env` added to the environment): yields its
+    URL once /health answers 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "kimi_jax.serve", "--port", str(port), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600
@@ -147,6 +154,46 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, deliveries: l
 
 
 # Scenarios ------------------------------------------------------------------------------------
+def warm_up(flags: list[str]) -> list[dict]:
+    """Two starts of the server on one empty compile cache (cold, then loading from it): the seconds
+    from launch to /health ready, the warm-up's own seconds and programs, and the compilations after a
+    varied load (a long prompt, a prefix hit, n=2, logprobs, logit_bias, a json_schema) — none if the
+    warm-up built everything."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        for start in ("cold", "from the compile cache"):
+            launched = time.perf_counter()
+            with serve(*flags, env={COMPILE_CACHE_ENV: cache}) as url:
+                ready = time.perf_counter() - launched
+                ready_metrics = metrics(url)
+                long = text_of(url, 1500, "w")
+                bodies = [{"messages": [{"role": "user", "content": long}]},
+                          {"messages": [{"role": "user", "content": long + " again"}], "n": 2, "temperature": 0.7,
+                           "seed": 1},
+                          {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3},
+                          {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": -100}},
+                          {"messages": [{"role": "user", "content": "a city"}],
+                           "response_format": {"type": "json_schema",
+                                               "json_schema": {"name": "c", "schema": schema, "strict": True}}}]
+
+                async def run(bodies: list[dict]) -> list[httpx.Response]:
+                    async with httpx.AsyncClient(timeout=1800) as client:
+                        return await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json={
+                            "model": MODEL, "max_tokens": 24, "temperature": 0, **b}) for b in bodies))
+
+                failed = [r.text for r in asyncio.run(run(bodies)) if r.status_code != 200]
+                if failed:
+                    raise RuntimeError(f"a warm-up bench request failed: {failed[0][:500]}")
+                after = metrics(url)
+            out.append({"start": start, "ready_s": round(ready, 1),
+                        "warm_up_s": round(ready_metrics["warm_up_seconds"], 1),
+                        "warm_up_programs": int(ready_metrics["warm_up_compilations"]),
+                        "compiled_after_ready": int(after["compilations_total"] - ready_metrics["compilations_total"])})
+    return out
+
+
 def capacity(flags: list[str], clients: int = 32, prompt: int = 256, reply: int = 256) -> dict:
     """`clients` requests of prompt + reply tokens at once into a pool of 8 × 4,096 positions."""
     pages = 8 * 4096 // 64

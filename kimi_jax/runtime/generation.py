@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ from kimi_jax.runtime.compile_cache import enable_compile_cache
 from kimi_jax.runtime.host_call import host_call
 from kimi_jax.runtime.sampling import (
     DEFAULT_TEMPERATURE,
+    MAX_LOGIT_BIAS,
     TOP_LOGPROBS,
     LogProbs,
     SamplingParams,
@@ -57,7 +59,8 @@ from kimi_jax.text.reasoning import split_reasoning
 from kimi_jax.text.tool_calls import parse_tool_calls
 
 STEPS_PER_CALL = 8  # decode steps per compiled call; see BENCHMARKS.md (Generation)
-
+PREFILL_MIN_TOKENS = 32  # the fewest token columns of a paged prefill call (`chunk_bucket`)
+MAX_STOP_IDS = 8  # stop-id columns of the scheduler's rows (default stops are 2, + 1 for a constraint's trigger)
 
 
 # Buckets ----------------------------------------------------------------------------------------
@@ -73,6 +76,12 @@ def batch_bucket(n: int, multiple: int = 1) -> int:
     """Next power of two ≥ n, rounded up to a multiple of `multiple` (the mesh's batch shards)."""
     b = 1 << max(n - 1, 0).bit_length()
     return -(-b // multiple) * multiple
+
+
+def chunk_bucket(n: int) -> int:
+    """Token columns of a paged prefill call whose longest chunk is `n` tokens: a power of two of at
+    least PREFILL_MIN_TOKENS (few programs, at most half of a call padding; runtime/programs.py)."""
+    return max(PREFILL_MIN_TOKENS, batch_bucket(n))
 
 
 # Requests ---------------------------------------------------------------------------------------
@@ -300,11 +309,15 @@ class Generator:
         self.traces: collections.Counter = collections.Counter()  # programs built per function (tests, /metrics)
         self._turn = threading.RLock()  # one prefill or decode call at a time (`_one_call_at_a_time`)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(7,))
-        self._prefill_paged = jax.jit(self._prefill_paged_impl, static_argnums=(13,), donate_argnums=(1, 2))
+        self._prefill_paged = jax.jit(self._prefill_paged_impl, donate_argnums=(1,))
+        self._copy_pages = jax.jit(self._copy_pages_impl, donate_argnums=(0,))
+        self._set_counts = jax.jit(self._set_counts_impl, donate_argnums=(0,))
+        self._first_tokens = jax.jit(self._first_tokens_impl, donate_argnums=(1,))
+        self._unmasked: dict[int, jax.Array] = {}  # batch -> its all-allowed grammar masks, on device
         self._place = jax.jit(self._place_impl, static_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, static_argnums=(4, 5, 6, 7), donate_argnums=(1,))
         self._mask_sources: dict[int, Callable] = {}  # constrained decoding: see `register_masks`
-        self.first_logprobs = jax.jit(token_logprobs, static_argnums=(2,))  # of prefill's logits and tokens
+        self.first_logprobs = jax.jit(self._first_logprobs_impl, static_argnums=(2,))  # of prefill's logits, tokens
         self.step_logits = jax.jit(self._step_logits_impl, donate_argnums=(1,))
 
     # Compiled pieces (run under jit; Python here runs once per shape bucket) -------------------
@@ -340,33 +353,53 @@ class Generator:
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         return logits, cache, state, emitted
 
-    def _prefill_paged_impl(self, params, pool, counts, tokens, positions, table, gather, copy, generated, history,
-                            slots, rows: Rows, allowed, adjust: bool):
-        """Prefill into the page pool. tokens, positions [U, T]: each distinct sequence's uncached tail
-        (−1 = pad), written through table [U, n] while attending to the sequence's cached pages too.
-        Row i of the batch continues sequence gather[i]; copy [2, m] (src, dst page ids) then gives the
-        rows that share a sequence their own copy of its computed pages. `generated` [B] and history
-        [B, H] (−1 = none) are what a resumed row had generated (its sampling step and penalty counts
-        go on from there). -> (last logits [B, V], pool, slot counts with the rows' at `slots` (an
-        out-of-range slot, as for a padding row, is dropped), state without counts, first tokens [B])."""
+    def _prefill_paged_impl(self, params, pool, tokens, positions, table):
+        """Prefill into the page pool: tokens, positions [U, T], each distinct sequence's chunk (−1 = pad),
+        written through table [U, n] while attending to the sequence's cached pages too. -> (last logits
+        [U, V] float32, pool). The model's program: its shapes are (U, T, n) alone (runtime/programs.py)."""
         self.traces["prefill_paged"] += 1
-        u, b, v = tokens.shape[0], gather.shape[0], self.cfg.padded_vocab_size
+        u = tokens.shape[0]
         cache = self._place_cache(with_table(pool, table))
         hidden, cache = self._expanded.apply({"params": params}, tokens, positions, cache, return_hidden=True)
         lengths = (positions >= 0).sum(1)
         last = hidden[jnp.arange(u), jnp.maximum(lengths - 1, 0)]  # (U, D): only these need logits
-        logits = vocab_logits(self.cfg, self.backend, last, params["lm_head"], self.dtype)[gather]  # (B, V)
+        logits = vocab_logits(self.cfg, self.backend, last, params["lm_head"], self.dtype)
+        return logits, self._place_cache(with_table(cache, None))
+
+    def _copy_pages_impl(self, pool, copy):
+        """copy [2, m] (src, dst page ids; dst out of range: dropped): the rows that share a sequence get
+        their own copy of its computed pages."""
+        self.traces["copy_pages"] += 1
         src, dst = copy
-        cache = {g: c._replace(latent=c.latent.at[:, dst].set(c.latent[:, src], mode="drop"),
-                               k_rope=c.k_rope.at[:, dst].set(c.k_rope[:, src], mode="drop")) for g, c in cache.items()}
-        seen = jnp.zeros((b, v), jnp.int32).at[jnp.arange(b)[:, None], jnp.where(history >= 0, history, v)].add(
-            1, mode="drop")  # (B, V): a resumed row's penalty counts
-        last_pos, empty = positions.max(1)[gather], lengths[gather] == 0
-        start = DecodeState(jnp.zeros(b, jnp.int32), last_pos, generated, empty, seen)
-        first = _next(logits, start, rows, adjust, allowed)
+        pool = {g: c._replace(latent=c.latent.at[:, dst].set(c.latent[:, src], mode="drop"),
+                              k_rope=c.k_rope.at[:, dst].set(c.k_rope[:, src], mode="drop")) for g, c in pool.items()}
+        return self._place_cache(pool)
+
+    def _set_counts_impl(self, counts, slot, row):
+        """A resumed row's token counts [V] (what it generated before it was preempted) into its slot."""
+        self.traces["set_counts"] += 1
+        return counts.at[slot].set(row, mode="drop")
+
+    def _first_tokens_impl(self, logits, counts, gather, last_pos, empty, generated, slots, resumed, rows: Rows,
+                           allowed, masked, adjusted):
+        """Sample each row's first token from its sequence's logits [U, V]: row i continues sequence
+        gather[i], its last prompt token at last_pos[i] (`empty`: a padding row), `generated` tokens made
+        before (a resumed row: its counts are already in counts[slots[i]]), bound for slot slots[i] of
+        the decode slots' counts [S, V] (out of range: dropped). `allowed` [B, W] grammar masks, used when
+        `masked`; logit adjustments when `adjusted` (both chosen at run time: one program per (U, B)).
+        -> (logits [B, V], counts, state without counts, first tokens [B])."""
+        self.traces["first_tokens"] += 1
+        logits = logits[gather]  # (B, V)
+        seen = jnp.where(resumed[:, None], counts[jnp.minimum(slots, counts.shape[0] - 1)], 0)  # (B, V)
+        start = DecodeState(jnp.zeros_like(last_pos), last_pos, generated, empty, seen)
+        first, _ = _next_rich(logits, start, rows, lambda: allowed, masked, adjusted, jnp.bool_(False), 1)
         state, emitted = _advance(start._replace(tokens=first), first, rows)
         counts = counts.at[slots].set(state.counts, mode="drop")
-        return logits, self._place_cache(with_table(cache, None)), counts, state._replace(counts=None), emitted
+        return logits, counts, state._replace(counts=None), emitted
+
+    def _first_logprobs_impl(self, logits, tokens, top: int):
+        self.traces["first_logprobs"] += 1
+        return token_logprobs(logits, tokens, top)
 
     def _place_impl(self, small: dict[str, LatentCache], length: int):
         """Copy a prefill cache into the first slots of an empty `length`-slot cache."""
@@ -497,13 +530,12 @@ class Generator:
         for k, key in enumerate(keys):
             first_of.setdefault(key, k)
         u, b = batch_bucket(len(first_of), self.batch_shards), batch_bucket(len(requests), self.batch_shards)
-        t = length_bucket(max(end - st for _, st, end in first_of))
+        t = chunk_bucket(max(end - st for _, st, end in first_of))
         tokens, positions = np.zeros((u, t), np.int32), np.full((u, t), -1, np.int32)
         table = np.full((u, tables.shape[1]), -1, np.int32)
         for i, ((sq, st, end), k) in enumerate(first_of.items()):
             tokens[i, :end - st], positions[i, :end - st], table[i] = sq[st:end], range(st, end), tables[k]
-        order = list(first_of)
-        gather = np.array([order.index(key) for key in keys] + [0] * (b - len(seqs)), np.int32)
+        logits, pool = self._prefill_paged(self.params, pool, tokens, positions, table)
         some = next(iter(pool.values()))
         page_size, num_pages = some.page_size, some.latent.shape[1]
         src, dst = [], []  # a repeated row's computed pages, copied from its sequence's first row
@@ -511,21 +543,67 @@ class Generator:
             first = first_of[key]
             if first != k:
                 computed = range(starts[k] // page_size, -(-ends[k] // page_size))
-                src += [tables[first][i] for i in computed]
-                dst += [tables[k][i] for i in computed]
-        m = batch_bucket(max(1, len(src)))
-        copy = np.array([src + [0] * (m - len(src)), dst + [num_pages] * (m - len(dst))], np.int32)  # pad: dropped
-        history = np.full((b, batch_bucket(max(1, *map(len, histories)))), -1, np.int32)
+                pairs = [(tables[first][i], tables[k][i]) for i in computed]
+                src += [a for a, z in pairs if a >= 0 and z >= 0]
+                dst += [z for a, z in pairs if a >= 0 and z >= 0]
+        if src:
+            m = batch_bucket(len(src))
+            pool = self._copy_pages(pool, np.array([src + [0] * (m - len(src)), dst + [num_pages] * (m - len(dst))],
+                                                   np.int32))  # padding pairs: dropped
+        v = self.cfg.padded_vocab_size
+        for slot, h in zip(slots, histories):
+            if h:  # a resumed row's penalty counts go on from what it generated
+                counts = self._set_counts(counts, np.int32(slot), np.bincount(h, minlength=v).astype(np.int32))
+        order = list(first_of)
+        gather = np.array([order.index(key) for key in keys] + [0] * (b - len(seqs)), np.int32)
+        last_pos, empty = np.zeros(b, np.int32), np.ones(b, bool)
         generated, at = np.zeros(b, np.int32), np.full(b, counts.shape[0], np.int32)  # padding: out of range
         for k, h in enumerate(histories):
-            history[k, :len(h)], generated[k], at[k] = h, len(h), slots[k]
-        rows = jax.device_put(request_rows(requests, b))
-        if allowed is not None:
-            allowed = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
-        logits, pool, counts, state, first = self._prefill_paged(self.params, pool, counts, tokens, positions, table,
-                                                                 gather, copy, generated, history, at, rows, allowed,
-                                                                 adjusts(requests))
+            last_pos[k], empty[k], generated[k], at[k] = ends[k] - 1, False, len(h), slots[k]
+        n_stop = max(MAX_STOP_IDS, batch_bucket(max(len(r.stop_ids) for r in requests)))
+        n_bias = max(MAX_LOGIT_BIAS, batch_bucket(max(len(r.sampling.logit_bias) for r in requests)))
+        rows = jax.device_put(request_rows(requests, b, n_stop, n_bias))
+        if allowed is None:
+            masks = self._unmasked.get(b)
+            if masks is None:
+                masks = self._unmasked[b] = jnp.full((b, -(-v // 32)), -1, jnp.int32)
+        else:
+            masks = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
+        logits, counts, state, first = self._first_tokens(logits, counts, gather, last_pos, empty, generated, at,
+                                                          generated > 0, rows, masks, np.bool_(allowed is not None),
+                                                          np.bool_(adjusts(requests)))
         return logits, pool, counts, jax.tree.map(np.asarray, state), rows, first
+
+    @_one_call_at_a_time
+    def warm_up_paged(self, pool: dict[str, PagedCache], counts: jax.Array, chunks: Sequence[tuple[int, int]],
+                      widths: Sequence[int], samples: Sequence[tuple[int, int]], copies: Sequence[int],
+                      top: int = TOP_LOGPROBS):
+        """Build every program `prefill_paged` (and `first_logprobs`) can run for the given shapes
+        (runtime/programs.py): the model's per (sequences, tokens) in `chunks` and table width in
+        `widths`, the first-token sampling per (sequences, rows) in `samples`, the page copy per count
+        in `copies`, and the count restore. Each runs on inert operands: no position, page, slot or
+        count is written (pool and counts are donated: use the returned ones)."""
+        v, num_pages = self.cfg.padded_vocab_size, next(iter(pool.values())).latent.shape[1]
+        for (u, t), n in itertools.product(chunks, widths):
+            _, pool = self._prefill_paged(self.params, pool, np.zeros((u, t), np.int32), np.full((u, t), -1, np.int32),
+                                          np.full((u, n), -1, np.int32))
+        for m in copies:
+            pool = self._copy_pages(pool, np.array([[0] * m, [num_pages] * m], np.int32))
+        counts = self._set_counts(counts, np.int32(counts.shape[0]), np.zeros(v, np.int32))
+        rows: dict[int, Rows] = {}
+        for u, b in samples:
+            if b not in rows:
+                rows[b] = jax.device_put(request_rows([], b, MAX_STOP_IDS, MAX_LOGIT_BIAS))
+                self._unmasked.setdefault(b, jnp.full((b, -(-v // 32)), -1, jnp.int32))
+                np.asarray(self.first_logprobs(jnp.zeros((b, v), jnp.float32), np.zeros(b, np.int32), top).chosen)
+            zeros = np.zeros(b, np.int32)
+            _, counts, _, first = self._first_tokens(jnp.zeros((u, v), jnp.float32), counts, zeros, zeros,
+                                                     np.ones(b, bool), zeros, np.full(b, counts.shape[0], np.int32),
+                                                     np.zeros(b, bool), rows[b], self._unmasked[b], np.bool_(False),
+                                                     np.bool_(False))
+            np.asarray(first)  # one program at a time
+        jax.block_until_ready((pool, counts))
+        return pool, counts
 
     def pool_shardings(self, pool: dict[str, PagedCache]) -> dict[str, PagedCache]:
         """Mesh shardings of a page pool (model/paged.py POOL_AXES: pages split like the batch)."""

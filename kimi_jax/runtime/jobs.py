@@ -70,7 +70,7 @@ class Metrics:
         self.prefix_queried_tokens = 0  # tokens of the sequences prefilled (looked up in the prefix cache)
         self.prefix_hit_tokens = 0  # of which found in cached pages (not prefilled again)
         self.preemptions = 0
-        self.warm_up_seconds = 0.0  # compiling (or loading) the decode programs before taking requests
+        self.warm_up_seconds = 0.0  # compiling (or loading) every program before taking requests
         self.warm_up_compilations = 0  # programs built then
 
     def observe_ttft(self, seconds: float) -> None:

@@ -28,11 +28,12 @@ fill (runtime/pages.py does the bookkeeping, in plain Python). The model thread 
        pages as a list of blocks of pages.BLOCK_POSITIONS positions (model/paged.py), whose length is
        bucketed to a power of two: a call costs what its rows hold, not the batch × its longest row.
 
-With `warm_up` the thread first builds every decode program a call can need (one per block-list
-length: plain with and without logit adjustments, and rich, which serves rows with logprobs, a
-grammar or both, adjusted or not; `decode_block_buckets`, `Generator.decode`), and sets `ready` only then, so a
-running stream never waits for a decode compile. Requests submitted meanwhile wait in the queue.
-Prefill programs (prompt length, table width and batch buckets) are still built on first use.
+With `warm_up` the thread first builds every program a call can need (runtime/programs.py): decode
+per block-list length (plain with and without logit adjustments, and rich, which serves rows with
+logprobs, a grammar or both; `decode_block_buckets`, `Generator.decode`) and the prefill programs
+(`PrefillShapes`), and sets `ready` only then, so that no request waits for a compile. Requests
+submitted meanwhile wait in the queue. A prefill call only takes shapes of that set: chunks that
+together would not be one wait for the iteration's next call.
 
 Preemption (vLLM's "recompute") was chosen over reserving every request's worst case up front:
 a reservation of prompt + max_tokens would hold pages that most replies never fill, and the
@@ -69,7 +70,7 @@ import numpy as np
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.constrained import SlotConstraints
-from kimi_jax.runtime.generation import DecodeState, Generator, Request, Rows, adjusts
+from kimi_jax.runtime.generation import MAX_STOP_IDS, DecodeState, Generator, Request, Rows, adjusts
 from kimi_jax.runtime.jobs import Job, Metrics, QueueFull, SchedulerStopped, TokenLogProb
 from kimi_jax.runtime.pages import (
     PagePool,
@@ -80,10 +81,10 @@ from kimi_jax.runtime.pages import (
     pages_per_block,
     table_width,
 )
+from kimi_jax.runtime.programs import PrefillShapes
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from kimi_jax.text.grammar import GrammarError, Grammars
 
-MAX_STOP_IDS = 8  # stop-id columns of the slot rows (default stops are 2, + 1 for a constraint's trigger)
 # Positions per page: a prefix is shared in whole pages, and one page of one layer is a contiguous
 # 64 × 576 × 2 bytes = 72 KB read for Kimi-K2 in bf16 (big enough for an efficient gather).
 PAGE_SIZE = 64
@@ -139,6 +140,7 @@ class Scheduler:
                 raise ValueError(f"{name} must be at least 1 token, got {value}")
         self.prefill_chunk, self.long_prefill_chunk = prefill_chunk, min(long_prefill_chunk, prefill_chunk)
         self.steps_per_call = steps_per_call or generator.steps_per_call
+        self.shapes = PrefillShapes(max_prefill, self.max_batch, prefill_chunk, page_size, self.pages_per_seq, shards)
         self.metrics = Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._slots: list[Job | None] = [None] * self.max_batch
@@ -287,11 +289,12 @@ class Scheduler:
         return block_buckets(self.max_batch, self.pages_per_seq, self.page_size)
 
     def _warm_up(self) -> None:
-        """Compile (or load from the compile cache) every decode program a call can need: per block-list
-        length (`decode_block_buckets`): plain with and without logit adjustments, and rich (logprobs,
-        grammar masks, adjustments: one program, `Generator.decode`), so that a decode call never waits for a
-        compile: run each on the idle slots (all done, so the loop runs no step and the pool is
-        unchanged)."""
+        """Build (compile, or load from the compile cache) every program a call can need
+        (runtime/programs.py), so that no request waits for a compile: the decode programs per
+        block-list length (`decode_block_buckets`), plain with and without logit adjustments and rich
+        (logprobs, grammar masks, adjustments: one program, `Generator.decode`), each run on the idle
+        slots (all done, so the loop runs no step and the pool is unchanged); then the prefill ones
+        (`Generator.warm_up_paged`, on inert operands)."""
         started, before = time.perf_counter(), self.compilations
         rows = jax.device_put(self._rows)
         for width in self.decode_block_buckets():
@@ -301,6 +304,10 @@ class Scheduler:
                                                          rows, self.steps_per_call, logprobs, adjust)
                 self._pool = with_table(cache, None)
                 np.asarray(out)  # blocks: one program at a time
+        shapes = self.shapes
+        self._pool, counts = self.generator.warm_up_paged(self._pool, self._state.counts, shapes.chunks(),
+                                                          shapes.widths(), shapes.samples(), shapes.copies())
+        self._state = self._state._replace(counts=counts)
         self.metrics.warm_up_seconds = time.perf_counter() - started
         self.metrics.warm_up_compilations = self.compilations - before
 
@@ -408,16 +415,23 @@ class Scheduler:
         after the most cached positions, the dearest per token)."""
         return min(budget) if len(seq) > self.prefill_chunk else budget[0]
 
-    def _chunk_end(self, seq: tuple[int, ...], start: int, budget: list[int]) -> int | None:
-        """Where the chunk of `seq` from `start` ends within `budget` (spent), or None when nothing is
-        left for it (`_share`)."""
+    def _take(self, seq: tuple[int, ...], start: int, budget: list[int], ends: dict) -> int:
+        """Tokens of the chunk of `seq` from `start` that this prefill call (`ends`: its chunks so far)
+        can take within `budget` (`_share`); 0 when the call already holds `max_prefill` sequences, or
+        would with it not be one of the compiled prefill programs (`PrefillShapes.fits`: the chunk goes
+        in the next call)."""
         take = min(self._share(seq, budget), len(seq) - start)
-        if take <= 0:
-            return None
+        longest = max([take, *(end - st for (_, st), end in ends.items())])
+        if take <= 0 or len(ends) >= self.max_prefill or not self.shapes.fits(len(ends) + 1, longest):
+            return 0
+        return take
+
+    def _spend(self, seq: tuple[int, ...], start: int, take: int, budget: list[int], ends: dict) -> None:
+        """Put the chunk of `seq` from `start` of `take` tokens in the call, and spend them from `budget`."""
         budget[0] -= take
         if len(seq) > self.prefill_chunk:
             budget[1] -= take
-        return start + take
+        ends[seq, start] = start + take
 
     def _pick(self, budget: list[int]) -> list[_Chunk]:
         """This prefill call's chunks, within `budget` (`_admit`): prompts under way first (oldest first),
@@ -428,10 +442,10 @@ class Scheduler:
             job, start = self._slots[slot], self._partial[slot]
             seq = _sequence(job)
             if (seq, start) not in ends:  # else the same tokens as a chunk picked already: computed once
-                end = None if len(ends) >= self.max_prefill else self._chunk_end(seq, start, budget)
-                if end is None:
+                take = self._take(seq, start, budget, ends)
+                if not take:
                     continue
-                ends[seq, start] = end
+                self._spend(seq, start, take, budget, ends)
             picked.append(_Chunk(job, slot, self._held[slot], start, ends[seq, start], new=False))
         free = [i for i, j in enumerate(self._slots) if j is None]
         while self._waiting and free:
@@ -441,7 +455,8 @@ class Scheduler:
             hit = self.pages.match(seq, limit=(len(seq) - 1) // self.page_size)
             start = len(hit) * self.page_size
             shared = (seq, start) in ends  # the same tokens as a job picked already: computed once
-            if not shared and (self._share(seq, budget) <= 0 or len(ends) >= self.max_prefill):
+            take = 0 if shared else self._take(seq, start, budget, ends)
+            if not shared and not take:
                 break
             need = pages_for(self._reach(job, len(seq)), self.page_size) - len(hit)
             if need > self.pages.available - self.pages.cached_among(hit):
@@ -455,7 +470,7 @@ class Scheduler:
             self.pages.acquire(hit)
             pages = hit + self.pages.allocate(need)
             if not shared:
-                ends[seq, start] = self._chunk_end(seq, start, budget)
+                self._spend(seq, start, take, budget, ends)
             picked.append(_Chunk(job, free.pop(0), pages, start, ends[seq, start], new=True))
         return picked
 

@@ -84,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="do not reuse the cached pages of a prompt prefix seen before (automatic prefix caching "
                         "is on by default)")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
-                   help="take requests at once instead of first building every decode program a call can "
-                        "need (then a decode call may wait for a compile)")
+                   help="take requests at once instead of first building every program a call can need "
+                        "(then a request may wait for a compile)")
     p.add_argument("--steps-per-call", type=flags.integer(1), default=None, metavar="K",
                    help="decode steps per compiled call (default: the generator's)")
     distributed.add_arguments(p)

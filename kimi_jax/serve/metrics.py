@@ -32,8 +32,8 @@ def prometheus_text(scheduler) -> str:
     metric("prefill_calls_total", "counter", "Prefill calls.", [("", m.prefill_calls)])
     metric("compilations_total", "counter", "Model programs built since start (compiled, or loaded from the persistent "
            "compile cache): one per new shape bucket.", [("", s.compilations)])
-    metric("warm_up_compilations", "gauge", "Of those, built before the server took requests (the decode programs).",
-           [("", m.warm_up_compilations)])
+    metric("warm_up_compilations", "gauge", "Of those, built before the server took requests: every program its "
+           "configuration can call (runtime/programs.py).", [("", m.warm_up_compilations)])
     metric("warm_up_seconds", "gauge", "Seconds the model thread spent building them.",
            [("", round(m.warm_up_seconds, 3))])
     metric("prefill_tokens_total", "counter", "Tokens computed by prefill calls (chunks of long prompts included, "
