@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from kimi_jax.runtime.default_model import load_default
-from kimi_jax.runtime.generation import Constraint, make_requests
 from kimi_jax.runtime.lockstep import request_from_json, request_to_json
+from kimi_jax.runtime.requests import Constraint, make_requests
 from kimi_jax.runtime.sampling import mask_logits
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.text.grammar import GrammarError, Grammars, json_grammar, tool_call_grammar

@@ -8,7 +8,7 @@ import pytest
 import kimi_jax
 from kimi_jax.config import TINY_DEEPSEEK, TINY_KIMI
 from kimi_jax.model.decoder import Transformer, init_cache
-from kimi_jax.runtime import generation
+from kimi_jax.runtime.requests import Completion, batch_bucket, length_bucket, make_requests
 
 pytestmark = pytest.mark.generation
 
@@ -52,7 +52,7 @@ def test_cached_decode_equals_teacher_forced_forward(kimi, teacher):
     """Prefill + absorbed decode steps give, at every step, the logits of one full forward (fp32, 1e-5)."""
     new, tokens, _, full = teacher
     gen = kimi.generator
-    requests = generation.make_requests(kimi.config, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
+    requests = make_requests(kimi.config, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
     last, cache, *_ = gen.prefill(requests)
     lengths = [len(p) for p in PROMPTS]
     for r, n in enumerate(lengths):
@@ -158,8 +158,8 @@ def test_prompt_lengths_share_a_compiled_program(kimi):
     for n in (5, 9, 13):
         kimi.generate([[3] * n], max_new_tokens=3 + n, temperature=0)
     assert dict(gen.traces) == before
-    assert generation.length_bucket(17) == 24 and generation.length_bucket(25) == 32
-    assert generation.batch_bucket(3) == 4 and generation.batch_bucket(1, multiple=4) == 4
+    assert length_bucket(17) == 24 and length_bucket(25) == 32
+    assert batch_bucket(3) == 4 and batch_bucket(1, multiple=4) == 4
 
 
 def test_stop_ids_and_max_new_tokens(kimi, teacher):
@@ -169,7 +169,7 @@ def test_stop_ids_and_max_new_tokens(kimi, teacher):
     out = kimi.generate(PROMPTS, max_new_tokens=NEW, temperature=0, stop_token_ids=[[stop], [], []])
     assert out[0] == free[0][:free[0].index(stop) + 1]
     assert out[1:] == free[1:]
-    done = kimi.generator.generate(generation.make_requests(kimi.config, PROMPTS, NEW, 0.0, stop_token_ids=[stop]))
+    done = kimi.generator.generate(make_requests(kimi.config, PROMPTS, NEW, 0.0, stop_token_ids=[stop]))
     assert done[0].finish_reason == "stop" and done[0].token_ids[-1] == stop
 
 
@@ -202,7 +202,7 @@ class Canned:
 
     def generate(self, requests):
         self.requests += requests
-        return [generation.Completion(list(self.tokens), "stop")]
+        return [Completion(list(self.tokens), "stop")]
 
 
 def test_stream_and_chat(kimi, random_dir):
@@ -239,7 +239,7 @@ def test_sharded_decode_equals_unsharded(kimi, hub_checkpoint):
     sharded = kimi_jax.load(path, dtype="float32", mesh="data=2,expert=2,tensor=2")
     settings = dict(max_new_tokens=6, temperature=[0.0, 0.8, 0.0], seed=[0, 1, 2])
     assert sharded.generate(PROMPTS, **settings) == kimi.generate(PROMPTS, **settings)
-    cache = sharded.generator.prefill(generation.make_requests(sharded.config, PROMPTS, 6))[1]
+    cache = sharded.generator.prefill(make_requests(sharded.config, PROMPTS, 6))[1]
     spec = cache["moe_layers"].latent.sharding.spec
     assert tuple(spec)[:2] == (None, "data")
 

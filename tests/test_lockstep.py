@@ -12,8 +12,8 @@ import pytest
 from serve_util import collect as _collect
 
 from kimi_jax.runtime import lockstep
-from kimi_jax.runtime.generation import Request
 from kimi_jax.runtime.jobs import SchedulerStopped
+from kimi_jax.runtime.requests import Request
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.runtime.scheduler import Scheduler
 
@@ -202,7 +202,7 @@ def test_constrained_requests_run_alike_on_every_process(model):
 
     import jsonschema
 
-    from kimi_jax.runtime.generation import Constraint
+    from kimi_jax.runtime.requests import Constraint
     from kimi_jax.text.grammar import Grammars, json_grammar, tool_call_grammar
     from kimi_jax.text.tool_calls import SECTION_BEGIN
 

@@ -12,8 +12,8 @@ from serve_util import collect as _collect
 
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import generation
-from kimi_jax.runtime.generation import Constraint, Request
 from kimi_jax.runtime.pages import block_list, pages_for
+from kimi_jax.runtime.requests import Constraint, Request, make_requests
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.serve.metrics import prometheus_text
@@ -50,7 +50,7 @@ def _paged_equals_contiguous(m, contiguous_gen=None, paged_gen=None):
     cfg = m.config
     gen = paged_gen or m.generator
     ref = contiguous_gen or m.generator
-    requests = generation.make_requests(cfg, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
+    requests = make_requests(cfg, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
     last, cache, *_ = ref.prefill(requests)
     b, width, num_pages = 4, 8, 32  # batch bucket of 3 prompts; 8 pages of 4 = 32 positions per row
     tables = _scrambled_tables(len(PROMPTS), width, num_pages)
@@ -119,10 +119,10 @@ def test_prefill_from_a_prefix_hit_equals_a_full_prefill(model):
     pool = init_pages(cfg, 16, PAGE, model.dtype)
     counts = jnp.zeros((1, cfg.padded_vocab_size), jnp.int32)
     first_pages = np.array([[9, 3, 12, 5, -1, -1]], np.int32)
-    request = generation.make_requests(cfg, [base], max_new_tokens=2, temperature=0)
+    request = make_requests(cfg, [base], max_new_tokens=2, temperature=0)
     _, pool, counts, *_ = gen.prefill_paged(pool, counts, request, [0], first_pages, [0], [[]])
     shared = np.array([[9, 3, 12, 7, 1, -1]], np.int32)  # the 3 full pages, then its own
-    request = generation.make_requests(cfg, [longer], max_new_tokens=2, temperature=0)
+    request = make_requests(cfg, [longer], max_new_tokens=2, temperature=0)
     hit_last, pool, *_ = gen.prefill_paged(pool, counts, request, [0], shared, [12], [[]])
     full_last, *_ = gen.prefill(request)
     assert gen.traces["prefill_paged"] >= 1

@@ -3,9 +3,9 @@ call can take is in the set the warm-up builds, for configurations other than th
 
 import pytest
 
-from kimi_jax.runtime.generation import batch_bucket, chunk_bucket
 from kimi_jax.runtime.pages import block_buckets, pages_for, table_width
 from kimi_jax.runtime.programs import PrefillShapes
+from kimi_jax.runtime.requests import batch_bucket, chunk_bucket
 
 pytestmark = pytest.mark.unit
 

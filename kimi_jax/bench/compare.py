@@ -31,7 +31,7 @@ from kimi_jax.checkpoint.hf import save_hf_checkpoint
 from kimi_jax.config import KIMI_K2, TINY_KIMI, Config
 from kimi_jax.model.weights import param_bytes, random_params
 from kimi_jax.runtime.engine import load
-from kimi_jax.runtime.generation import make_requests
+from kimi_jax.runtime.requests import make_requests
 
 # Kimi-K2's structure scaled to a 2-core, 24 GiB machine: ~0.7 GB of weights, most of it fp8 experts.
 BENCH = dataclasses.replace(

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from kimi_jax.runtime.generation import Constraint, make_requests
+from kimi_jax.runtime.requests import Constraint, make_requests
 from kimi_jax.runtime.scheduler import Scheduler
 from kimi_jax.text.grammar import Grammars, json_grammar
 

@@ -29,11 +29,8 @@ from kimi_jax.model.decoder import init_cache
 from kimi_jax.model.weights import random_params
 from kimi_jax.runtime.default_model import random_checkpoint
 from kimi_jax.runtime.engine import load
-from kimi_jax.runtime.generation import (
-    expanded_cache_bytes_per_token_per_layer,
-    kv_cache_bytes_per_token_per_layer,
-    make_requests,
-)
+from kimi_jax.runtime.generation import expanded_cache_bytes_per_token_per_layer, kv_cache_bytes_per_token_per_layer
+from kimi_jax.runtime.requests import make_requests
 
 # A larger CPU bench shape: Kimi-K2's structure at hidden 1024, 4 layers (1 dense), 64 experts top-8.
 BENCH_CONFIG = dataclasses.replace(

@@ -52,6 +52,7 @@ from kimi_jax.runtime import generation
 from kimi_jax.runtime.compile_cache import COMPILE_CACHE_ENV
 from kimi_jax.runtime.default_model import load_default
 from kimi_jax.runtime.pages import decode_blocks, pages_for, table_width
+from kimi_jax.runtime.requests import make_requests
 
 MODEL = "kimi-k2-instruct"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -352,7 +353,7 @@ def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
     model = load_default()
     cfg, gen = model.config, model.generator
     state = {"pool": init_pages(cfg, num_pages, page_size, model.dtype)}
-    requests = generation.make_requests(cfg, [[5]] * slots, max_new_tokens=cfg.max_position_embeddings - 1,
+    requests = make_requests(cfg, [[5]] * slots, max_new_tokens=cfg.max_position_embeddings - 1,
                                         temperature=0)
     rows = generation.request_rows(requests, slots)
     out = {}
@@ -390,7 +391,7 @@ def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
         whole = pages_for(cfg.max_position_embeddings, page_size)
         table = np.full((1, table_width(pages_for(end, page_size), page_size, whole)), -1, np.int32)
         table[0, :pages_for(end, page_size)] = np.arange(pages_for(end, page_size))
-        request = generation.make_requests(cfg, [list(np.arange(end) % 1000 + 3)], max_new_tokens=4, temperature=0)
+        request = make_requests(cfg, [list(np.arange(end) % 1000 + 3)], max_new_tokens=4, temperature=0)
 
         def chunk(request=request, table=table, start=start, end=end):
             nonlocal counts

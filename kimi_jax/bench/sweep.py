@@ -24,7 +24,7 @@ from kimi_jax.config import Config
 from kimi_jax.model.quant import to_storage
 from kimi_jax.model.weights import random_params
 from kimi_jax.runtime.engine import Model
-from kimi_jax.runtime.generation import make_requests
+from kimi_jax.runtime.requests import make_requests
 
 EXPERTS = (16, 64, 128, 384)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from kimi_jax.runtime.generation import Constraint
+from kimi_jax.runtime.requests import Constraint
 from kimi_jax.text.grammar import GrammarError, Grammars, Matcher
 
 

@@ -20,6 +20,8 @@ from kimi_jax.model.backend import Backend
 from kimi_jax.model.decoder import Transformer
 from kimi_jax.model.layout import UNSHARDED, Layout
 from kimi_jax.runtime import generation
+from kimi_jax.runtime.requests import make_requests
+from kimi_jax.runtime.sampling import DEFAULT_TEMPERATURE
 from kimi_jax.text.tokenizer import load_tokenizer
 from sharding import MeshLayout
 from sharding.rules import leaf_sharding
@@ -102,7 +104,7 @@ class Model:
             return tuple(self.tokenizer.stop_ids)
         return () if self.config.eos_token_id is None else (self.config.eos_token_id,)
 
-    def generate(self, prompts, max_new_tokens=64, temperature=generation.DEFAULT_TEMPERATURE, top_p=1.0,
+    def generate(self, prompts, max_new_tokens=64, temperature=DEFAULT_TEMPERATURE, top_p=1.0,
                  top_k=0, seed=0, stop_token_ids=None) -> list[list[int]]:
         """Continue each prompt (a list of token-id lists) -> each one's new token ids.
 
@@ -111,11 +113,11 @@ class Model:
         last token): `stop_token_ids` (ids, or one list per prompt) replaces the default
         `self.stop_ids`. A request's tokens depend on its seed, not on the batch it is in.
         """
-        requests = generation.make_requests(self.config, prompts, max_new_tokens, temperature, top_p, top_k,
+        requests = make_requests(self.config, prompts, max_new_tokens, temperature, top_p, top_k,
                                             seed, stop_token_ids, self.stop_ids)
         return [c.token_ids for c in self.generator.generate(requests)]
 
-    def stream(self, prompt, max_new_tokens=64, temperature=generation.DEFAULT_TEMPERATURE, top_p=1.0,
+    def stream(self, prompt, max_new_tokens=64, temperature=DEFAULT_TEMPERATURE, top_p=1.0,
                top_k=0, seed=0, stop_token_ids=None):
         """Yield `Piece(token_id, text)` for one prompt (token ids, or text if there is a tokenizer)
         as tokens are generated; text is "" without a tokenizer."""
@@ -123,7 +125,7 @@ class Model:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; this model has none: pass token ids")
             prompt = self.tokenizer.encode(prompt)
-        request, = generation.make_requests(self.config, [prompt], max_new_tokens, temperature, top_p, top_k,
+        request, = make_requests(self.config, [prompt], max_new_tokens, temperature, top_p, top_k,
                                             seed, stop_token_ids, self.stop_ids)
         return generation.stream_pieces(self.generator, request, self.tokenizer)
 

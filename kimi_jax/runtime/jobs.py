@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from kimi_jax.runtime.generation import Request
+from kimi_jax.runtime.requests import Request
 
 # One token's log probability and its top alternatives [(token id, log probability)], most likely first.
 TokenLogProb = tuple[float, list[tuple[int, float]]]

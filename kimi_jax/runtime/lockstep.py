@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kimi_jax.runtime.generation import Constraint, Request
+from kimi_jax.runtime.requests import Constraint, Request
 from kimi_jax.runtime.sampling import SamplingParams
 
 PREFIX = "kimi_jax/serve"

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kimi_jax.model.paged import Blocks
-from kimi_jax.runtime.generation import batch_bucket
+from kimi_jax.runtime.requests import batch_bucket
 
 KEY_BYTES = 16  # blake2b digest size: 128 bits, a collision is not a practical concern
 MIN_TABLE_POSITIONS = 1024  # shorter page tables are not worth a compiled program of their own

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from kimi_jax.runtime.generation import batch_bucket, chunk_bucket
 from kimi_jax.runtime.pages import pages_for, table_width
+from kimi_jax.runtime.requests import batch_bucket, chunk_bucket
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,7 @@ import numpy as np
 from kimi_jax.model.paged import init_pages, with_table
 from kimi_jax.runtime import lockstep
 from kimi_jax.runtime.constrained import SlotConstraints
-from kimi_jax.runtime.generation import MAX_STOP_IDS, DecodeState, Generator, Request, Rows, adjusts
+from kimi_jax.runtime.generation import MAX_STOP_IDS, DecodeState, Generator, Rows, adjusts
 from kimi_jax.runtime.jobs import Job, Metrics, QueueFull, SchedulerStopped, TokenLogProb
 from kimi_jax.runtime.pages import (
     PagePool,
@@ -82,6 +82,7 @@ from kimi_jax.runtime.pages import (
     table_width,
 )
 from kimi_jax.runtime.programs import PrefillShapes
+from kimi_jax.runtime.requests import Request
 from kimi_jax.runtime.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from kimi_jax.text.grammar import GrammarError, Grammars
 

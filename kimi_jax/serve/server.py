@@ -1,5 +1,5 @@
 """What both APIs share about the served model: its name, its context, and how a checked request
-becomes token ids and a `generation.Request`."""
+becomes token ids and a `Request` (runtime/requests.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kimi_jax.runtime.generation import Constraint, Request
+from kimi_jax.runtime.requests import Constraint, Request
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.serve.errors import APIError, clip, show
 from kimi_jax.serve.validation import bad, check_messages, check_tools, got
@@ -120,7 +120,7 @@ class Server:
     def request(self, prompt: Sequence[int], max_tokens: int | None, temperature: float, top_p: float,
                 top_k: int = 0, seed: int | None = None, presence_penalty: float = 0.0,
                 frequency_penalty: float = 0.0, logit_bias: tuple[tuple[int, float], ...] = ()) -> Request:
-        """A generation.Request; the prompt + max_tokens must fit the context (else 400).
+        """A Request; the prompt + max_tokens must fit the context (else 400).
         Without a seed a sampled request draws a fresh one."""
         room = self.max_context - len(prompt)
         if room < 1:

@@ -3,7 +3,7 @@ loop, tool-call parsing of its text, and server-sent events.
 
     handle   body (at most `Server.max_body_bytes`, else 413) -> in a worker thread, so that a big
              body never stalls the event loop: JSON parse, model check, the route's `prepare`
-             (validation, chat template, tokenization, a generation.Request) -> submit and
+             (validation, chat template, tokenization, a Request) -> submit and
              wait for the first tokens (errors such as 429 surface before a response starts)
              -> the route's `whole` (a JSON reply) or `stream` (SSE chunks)
     Reply    one scheduler job: tokens arrive on a per-request asyncio queue from the model
@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from kimi_jax.runtime.generation import Request
 from kimi_jax.runtime.jobs import QueueFull, SchedulerStopped
+from kimi_jax.runtime.requests import Request
 from kimi_jax.serve.errors import APIError, error_body, is_anthropic
 from kimi_jax.serve.server import Server
 from kimi_jax.serve.validation import parse_body
