@@ -30,6 +30,19 @@ def test_bench_script_tiny_json(tmp_path):
     assert result["config"] == "tiny"
 
 
+@pytest.mark.slow
+def test_end_to_end_bench_tiny_reports_every_ratio(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_endtoend.py"), "--tiny", "--cache-dir",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 16 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["prefill", "generate, batch 1", "generate, batch 2"]
+    for r in rows:  # seconds of both sides, and the ratio against the faster transformers dtype
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert all(float(c) > 0 for c in cells[2:5]) and float(cells[5].split("×")[0].strip("*")) > 0, r
+
+
 def test_roofline_bytes_count_only_experts_hit():
     from kimi_jax.bench.roofline import decode_step_bytes, expected_distinct_experts, weight_bytes
     from kimi_jax.config import KIMI_K2
