@@ -23,7 +23,7 @@ model = kimi_jax.load(sys.argv[1], dtype="bfloat16")
 s = compare.QUICK
 fns = {"prefill_s": compare.kimi_prefill(model, s.prefill_prompt), "decode_b1_s": compare.kimi_decode(model, 1, s),
        "decode_b8_s": compare.kimi_decode(model, 8, s)}
-print(json.dumps({k: statistics.median(v) for k, v in compare._interleaved(fns, int(sys.argv[2])).items()}))
+print(json.dumps({k: statistics.median(v) for k, v in compare.interleaved(fns, int(sys.argv[2])).items()}))
 """
 
 

@@ -68,7 +68,7 @@ def write_checkpoint(cfg: Config, directory: Path) -> tuple[Path, float]:
     return directory, time.perf_counter() - start
 
 
-def _interleaved(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
     """Run each timing function once as warm-up, then `reps` rounds of all of them in turn."""
     for fn in fns.values():
         fn()
@@ -80,14 +80,15 @@ def _interleaved(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, li
 
 
 # kimi_jax side ---------------------------------------------------------------------------------
-def _prompts(cfg: Config, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(cfg: Config, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts of `length` token ids drawn uniformly from the vocabulary (seeded)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, cfg.vocab_size, length).tolist() for _ in range(batch)]
 
 
 def kimi_prefill(model, prompt_len: int) -> Callable[[], float]:
     """Seconds for one prefill of a `prompt_len`-token prompt (cache built, first token sampled)."""
-    requests = make_requests(model.config, _prompts(model.config, 1, prompt_len), 1, temperature=0.0,
+    requests = make_requests(model.config, random_prompts(model.config, 1, prompt_len), 1, temperature=0.0,
                              stop_token_ids=[])
 
     def run() -> float:
@@ -100,7 +101,7 @@ def kimi_prefill(model, prompt_len: int) -> Callable[[], float]:
 
 def kimi_decode(model, batch: int, s: Settings) -> Callable[[], float]:
     """Seconds per decode step (all rows together) over `s.decode_steps` greedy steps after prefill."""
-    requests = make_requests(model.config, _prompts(model.config, batch, s.decode_prompt), s.decode_steps + 1,
+    requests = make_requests(model.config, random_prompts(model.config, batch, s.decode_prompt), s.decode_steps + 1,
                              temperature=0.0, stop_token_ids=[])
 
     def run() -> float:
@@ -113,7 +114,7 @@ def kimi_decode(model, batch: int, s: Settings) -> Callable[[], float]:
 def hf_prefill(hf, cfg: Config, prompt_len: int) -> Callable[[], float]:
     import torch
 
-    ids = torch.tensor(_prompts(cfg, 1, prompt_len))
+    ids = torch.tensor(random_prompts(cfg, 1, prompt_len))
 
     def run() -> float:
         with torch.no_grad():
@@ -128,7 +129,7 @@ def hf_decode(hf, cfg: Config, batch: int, s: Settings) -> Callable[[], float]:
     """Seconds per greedy decode step with transformers' own cache (prefill not timed)."""
     import torch
 
-    ids = torch.tensor(_prompts(cfg, batch, s.decode_prompt))
+    ids = torch.tensor(random_prompts(cfg, batch, s.decode_prompt))
 
     def run() -> float:
         with torch.no_grad():
@@ -179,7 +180,7 @@ def run(config: str, s: Settings, cache_dir: Path, with_ttft: bool = True, with_
     fns["hf_prefill"] = hf_prefill(hf, cfg, s.prefill_prompt)
     for b in s.batches:
         fns[f"hf_decode_b{b}"] = hf_decode(hf, cfg, b, s)
-    times = {k: statistics.median(v) for k, v in _interleaved(fns, s.reps).items()}
+    times = {k: statistics.median(v) for k, v in interleaved(fns, s.reps).items()}
     log("median seconds: " + ", ".join(f"{k} {v:.4f}" for k, v in times.items()))
     del hf
 

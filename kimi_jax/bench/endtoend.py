@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kimi_jax.bench.compare import BENCH, _interleaved, _prompts, hf_prefill, kimi_prefill, write_checkpoint
+from kimi_jax.bench.compare import BENCH, hf_prefill, interleaved, kimi_prefill, random_prompts, write_checkpoint
 from kimi_jax.bench.generation import machine
 from kimi_jax.bench.oracle import hf_model
 from kimi_jax.config import Config
@@ -40,7 +40,7 @@ class Settings:
 
 def kimi_generate(model, batch: int, s: Settings) -> Callable[[], float]:
     """Seconds for kimi_jax to generate `s.new` tokens for each of `batch` prompts of `s.prompt` tokens."""
-    requests = make_requests(model.config, _prompts(model.config, batch, s.prompt), s.new, temperature=0.0,
+    requests = make_requests(model.config, random_prompts(model.config, batch, s.prompt), s.new, temperature=0.0,
                              stop_token_ids=[])
 
     def run() -> float:
@@ -57,7 +57,7 @@ def hf_generate(hf, cfg, batch: int, s: Settings) -> Callable[[], float]:
     """Seconds for transformers' `generate` to make exactly `s.new` greedy tokens per row."""
     import torch
 
-    ids = torch.tensor(_prompts(cfg, batch, s.prompt))
+    ids = torch.tensor(random_prompts(cfg, batch, s.prompt))
     mask = torch.ones_like(ids)
 
     def run() -> float:
@@ -91,7 +91,7 @@ def run(s: Settings, cache_dir: Path, log=print) -> list[dict]:
             for name, hf in hfs.items():
                 fns[f"hf {name} b{b}"] = hf_generate(hf, cfg, b, s)
         log(f"{experts} experts: {len(fns)} figures, {s.reps} interleaved repetitions")
-        times = {k: statistics.median(v) for k, v in _interleaved(fns, s.reps).items()}
+        times = {k: statistics.median(v) for k, v in interleaved(fns, s.reps).items()}
         for figure in ["prefill", *(f"b{b}" for b in s.batches)]:
             hf_times = {name: times[f"hf {name} {figure}"] for name in hfs}
             best = min(hf_times, key=hf_times.get)

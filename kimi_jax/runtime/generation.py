@@ -448,9 +448,7 @@ class Generator:
         n_bias = max(MAX_LOGIT_BIAS, batch_bucket(max(len(r.sampling.logit_bias) for r in requests)))
         rows = jax.device_put(request_rows(requests, b, n_stop, n_bias))
         if allowed is None:
-            masks = self._unmasked.get(b)
-            if masks is None:
-                masks = self._unmasked[b] = jnp.full((b, -(-v // 32)), -1, jnp.int32)
+            masks = self._all_allowed(b)
         else:
             masks = np.concatenate([allowed, np.full((b - len(requests), allowed.shape[1]), -1, np.int32)])
         logits, counts, state, first = self._first_tokens(logits, counts, gather, last_pos, empty, generated, at,
@@ -478,16 +476,22 @@ class Generator:
         for u, b in samples:
             if b not in rows:
                 rows[b] = jax.device_put(request_rows([], b, MAX_STOP_IDS, MAX_LOGIT_BIAS))
-                self._unmasked.setdefault(b, jnp.full((b, -(-v // 32)), -1, jnp.int32))
                 np.asarray(self.first_logprobs(jnp.zeros((b, v), jnp.float32), np.zeros(b, np.int32), top).chosen)
             zeros = np.zeros(b, np.int32)
             _, counts, _, first = self._first_tokens(jnp.zeros((u, v), jnp.float32), counts, zeros, zeros,
                                                      np.ones(b, bool), zeros, np.full(b, counts.shape[0], np.int32),
-                                                     np.zeros(b, bool), rows[b], self._unmasked[b], np.bool_(False),
+                                                     np.zeros(b, bool), rows[b], self._all_allowed(b), np.bool_(False),
                                                      np.bool_(False))
             np.asarray(first)  # one program at a time
         jax.block_until_ready((pool, counts))
         return pool, counts
+
+    def _all_allowed(self, batch: int) -> jax.Array:
+        """Grammar masks [batch, W] that allow every token (a prefill call without constrained rows),
+        made once per batch bucket and kept on device."""
+        if batch not in self._unmasked:
+            self._unmasked[batch] = jnp.full((batch, -(-self.cfg.padded_vocab_size // 32)), -1, jnp.int32)
+        return self._unmasked[batch]
 
     def pool_shardings(self, pool: dict[str, PagedCache]) -> dict[str, PagedCache]:
         """Mesh shardings of a page pool (model/paged.py POOL_AXES: pages split like the batch)."""
