@@ -25,9 +25,11 @@ run: $(STAMP)
 
 # The whole suite on CPU with 8 fake devices (set in tests/conftest.py), in PYTEST_WORKERS processes
 # (pytest-xdist; a test file stays in one); one tier: PYTEST_ARGS="-m parity"; serially: PYTEST_WORKERS=0.
+# A worker that crashes ends the run, naming its test: under --dist loadfile xdist can hang after
+# replacing one.
 PYTEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0 $(PYTEST_ARGS)
 
 # OpenAI/Anthropic-compatible server on 127.0.0.1:8000 (embedded default unless ARGS="--checkpoint PATH").
 serve: $(STAMP)

@@ -1,5 +1,6 @@
 """Eight fake CPU devices for every test, set before JAX initialises."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -88,3 +89,41 @@ def _stop_the_schedulers_a_test_started(monkeypatch):
     for scheduler in started:
         if scheduler._thread is not None and scheduler._thread.is_alive():
             scheduler.stop()
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """(memory mappings this process holds, the kernel's vm.max_map_count), or None off Linux."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            count = sum(1 for _ in maps)
+        return count, int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_each_modules_programs():
+    """XLA:CPU loads each compiled kernel as an object of its own, three memory mappings apiece, and
+    JAX's caches keep a program loaded while its function lives. Over the whole suite one worker
+    gathered 53,000 mappings; at Linux's vm.max_map_count (65530) the next program load segfaults
+    (inside deserialize_executable or compile) and takes the worker down. Dropping JAX's caches after
+    each module bounds a worker by its largest module (test_paged.py: 20,000); the next module loads
+    what it shares from the persistent compile cache."""
+    yield
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _memory_map_headroom(request):
+    """Fail the test, by name, that brings its process within a fifth of vm.max_map_count, before a
+    program load fails there as a segfault that names nothing."""
+    yield
+    maps = _memory_maps()
+    if maps is not None and maps[0] > 0.8 * maps[1]:
+        pytest.fail(f"{request.node.nodeid}: this process holds {maps[0]} memory mappings of vm.max_map_count="
+                    f"{maps[1]}; loaded XLA programs are piling up (release Generators and Models, or call "
+                    "jax.clear_caches()); past the limit the next program load segfaults", pytrace=False)
