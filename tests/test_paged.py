@@ -1,18 +1,23 @@
 """The paged latent cache: decode through page tables equals the contiguous cache (fp32 logits, one
-device and a mesh), prefill from a prefix hit equals a full prefill, and the scheduler over a pool of
-pages (exhaustion, preemption, prefix caching, cancellation) gives every request its reply alone."""
+device, a mesh, and a mesh across two processes), prefill from a prefix hit equals a full prefill,
+and the scheduler over a pool of pages (exhaustion, preemption, prefix caching, cancellation) gives
+every request its reply alone."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paged_util import PAGE, PROMPTS, TOLERANCE, paged_equals_contiguous, rel
 from serve_util import collect as _collect
 
-from kimi_jax.model.paged import init_pages, with_table
+from kimi_jax.bench.multihost import free_port
+from kimi_jax.model.paged import init_pages
 from kimi_jax.runtime import generation
-from kimi_jax.runtime.pages import block_list, pages_for
 from kimi_jax.runtime.requests import Constraint, Request, make_requests
 from kimi_jax.runtime.sampling import SamplingParams
 from kimi_jax.runtime.scheduler import Scheduler
@@ -20,10 +25,6 @@ from kimi_jax.serve.metrics import prometheus_text
 from kimi_jax.text.grammar import Grammars, json_grammar
 
 pytestmark = pytest.mark.generation
-
-PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [42, 7, 99]]
-NEW = 8
-PAGE = 4
 
 
 @pytest.fixture(scope="module")
@@ -33,59 +34,8 @@ def model():
     return load_default()  # float32
 
 
-def _rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
-
-
-def _scrambled_tables(rows: int, width: int, num_pages: int) -> np.ndarray:
-    """Each row's pages out of order and interleaved with the others' (page ids reversed, strided)."""
-    ids = np.arange(num_pages)[::-1][:rows * width]
-    return ids.reshape(width, rows).T.astype(np.int32)  # (rows, width)
-
-
-def _paged_equals_contiguous(m, contiguous_gen=None, paged_gen=None):
-    """Greedy-decode PROMPTS through page tables (by `paged_gen`, default m's generator) and through the
-    contiguous cache of `contiguous_gen` (default m's); assert the fp32 logits agree at prefill and at
-    every step, for decode reading through the table and through blocks of pages."""
-    cfg = m.config
-    gen = paged_gen or m.generator
-    ref = contiguous_gen or m.generator
-    requests = make_requests(cfg, PROMPTS, max_new_tokens=NEW + 1, temperature=0)
-    last, cache, *_ = ref.prefill(requests)
-    b, width, num_pages = 4, 8, 32  # batch bucket of 3 prompts; 8 pages of 4 = 32 positions per row
-    tables = _scrambled_tables(len(PROMPTS), width, num_pages)
-    pool = init_pages(cfg, num_pages, PAGE, m.dtype)
-    if gen.mesh is not None:
-        pool = jax.device_put(pool, gen.pool_shardings(pool))
-    counts = jnp.zeros((b, cfg.padded_vocab_size), jnp.int32)
-    paged_last, pool, counts, state, _, first = gen.prefill_paged(pool, counts, requests, [0, 1, 2], tables,
-                                                                  [0, 0, 0], [[]] * 3)
-    assert _rel(paged_last[:3], last[:3]) <= 1e-5
-    assert list(np.asarray(first)[:3]) == list(np.asarray(last[:3]).argmax(-1))
-    assert list(state.positions[:3]) == [len(p) for p in PROMPTS]  # where each first token goes
-    table = np.full((b, width), -1, np.int32)
-    table[:3] = tables
-    positions = np.array([len(p) for p in PROMPTS] + [-1], np.int32)
-    tokens = np.asarray(last).argmax(-1).astype(np.int32)
-    # Blocks of 3 pages (12 positions): row 1's 14-token prompt spans two, and its last block has −1
-    # pages; the rows' pages a decode of NEW steps reaches, listed out of row order, and 3 padding blocks.
-    reach = {r: list(tables[r, :pages_for(len(PROMPTS[r]) + NEW, PAGE)]) for r in (2, 0, 1)}
-    blocks = block_list(reach, 3, PAGE, b, 8)
-    assert (blocks.rows == b).sum() == 3 and (blocks.pages == -1).any()
-    paged = with_table(pool, table)
-    by_blocks = with_table(jax.tree.map(jnp.copy, pool), table, blocks)
-    for step in range(NEW):
-        logits, cache = ref.step_logits(ref.params, cache, tokens, positions)
-        paged_logits, paged = gen.step_logits(gen.params, paged, tokens, positions)
-        block_logits, by_blocks = gen.step_logits(gen.params, by_blocks, tokens, positions)
-        assert _rel(paged_logits[:3], logits[:3]) <= 1e-5, f"step {step}"
-        assert _rel(block_logits[:3], logits[:3]) <= 1e-5, f"step {step} (blocks)"
-        tokens = np.asarray(logits).argmax(-1).astype(np.int32)
-        positions = np.where(positions >= 0, positions + 1, -1).astype(np.int32)
-
-
 def test_paged_decode_equals_contiguous_decode(model):
-    _paged_equals_contiguous(model)
+    paged_equals_contiguous(model)
 
 
 def test_decode_write_orders_agree(model):
@@ -96,8 +46,8 @@ def test_decode_write_orders_agree(model):
     assert gen.backend.decode_writes_first
     read_first = generation.Generator(model.config, gen.params, gen.dtype,
                                       dataclasses.replace(gen.backend, decode_writes_first=False))
-    _paged_equals_contiguous(model, contiguous_gen=read_first)
-    _paged_equals_contiguous(model, paged_gen=read_first)
+    paged_equals_contiguous(model, contiguous_gen=read_first)
+    paged_equals_contiguous(model, paged_gen=read_first)
 
 
 @pytest.mark.slow
@@ -107,7 +57,36 @@ def test_paged_decode_equals_contiguous_decode_on_a_mesh(model):
 
     sharded = load_default(mesh="data=2,expert=2,tensor=2", rules="dp_attention")
     assert sharded.generator.batch_shards == 4
-    _paged_equals_contiguous(sharded, contiguous_gen=model.generator)
+    paged_equals_contiguous(sharded, contiguous_gen=model.generator)
+
+
+@pytest.mark.slow
+def test_paged_decode_equals_contiguous_decode_across_two_processes(model, tmp_path):
+    """Two processes of 4 CPU devices (jax.distributed on 127.0.0.1, gloo) hold one dp_attention mesh,
+    each process 2 of the pool's 4 page shards: paged decode there equals contiguous decode there (each
+    process asserts it), and the logits process 0 gathered equal one unsharded process's."""
+    out, port = tmp_path / "logits.npz", free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("KIMI_")}
+    env.update(JAX_PLATFORMS="cpu")
+    script = Path(__file__).with_name("paged_two_processes.py")
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), "--mesh", "data=2,expert=2,tensor=2",
+                               "--rules", "dp_attention", "--coordinator-address", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--num-cpu-devices", "4"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i}:\n{logs[i][-4000:]}"
+    here = paged_equals_contiguous(model)
+    with np.load(out, allow_pickle=False) as there:
+        assert there["paged"].shape == here["contiguous"].shape
+        for step, (two, one) in enumerate(zip(there["paged"], here["contiguous"])):
+            assert rel(two, one) <= TOLERANCE, f"step {step}"
+        assert rel(there["blocks"], here["contiguous"]) <= TOLERANCE
 
 
 def test_prefill_from_a_prefix_hit_equals_a_full_prefill(model):
@@ -126,7 +105,7 @@ def test_prefill_from_a_prefix_hit_equals_a_full_prefill(model):
     hit_last, pool, *_ = gen.prefill_paged(pool, counts, request, [0], shared, [12], [[]])
     full_last, *_ = gen.prefill(request)
     assert gen.traces["prefill_paged"] >= 1
-    assert _rel(hit_last[0], full_last[0]) <= 1e-5
+    assert rel(hit_last[0], full_last[0]) <= 1e-5
     assert int(np.asarray(hit_last[0]).argmax()) == int(np.asarray(full_last[0]).argmax())
 
 
