@@ -1,7 +1,8 @@
 """Serving over the paged cache: the warm-up, capacity, prefix caching in the model card's tool loop, and the
-inter-token latency of running streams while a long prompt is admitted (chunked prefill).
+inter-token latency of running streams while a long prompt is admitted (chunked prefill), and in process one
+decode call and prefill chunk (calls) and a prefix hit's logits against a whole prefill's (hits).
 
-    python scripts/bench_paged.py                      # all three, embedded default model
+    python scripts/bench_paged.py                      # every scenario, embedded default model
     python scripts/bench_paged.py --only itl -- --dtype bfloat16   # flags after -- go to every server
 
 See kimi_jax/bench/paged.py for what is measured; results go to BENCHMARKS.md ("Paged cache").
@@ -19,13 +20,13 @@ from kimi_jax.bench import paged
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["capacity", "prefix", "itl", "calls", "warmup"], action="append",
+    p.add_argument("--only", choices=["capacity", "prefix", "itl", "calls", "warmup", "hits"], action="append",
                    help="run only these scenarios (repeatable; default all)")
     p.add_argument("--chunks", default="128,256,512,4096", metavar="N,N,...",
                    help="the --prefill-chunk values the itl scenario runs (default 128,256,512,4096)")
     p.add_argument("server_flags", nargs="*", help="flags for every server (after --)")
     args = p.parse_args()
-    only = args.only or ["warmup", "capacity", "prefix", "itl", "calls"]
+    only = args.only or ["warmup", "capacity", "prefix", "itl", "calls", "hits"]
     flags = args.server_flags
     print(f"# {' '.join(['python', *sys.argv])} on {platform.node()} ({platform.processor() or platform.machine()})")
     if "warmup" in only:
@@ -45,15 +46,32 @@ def main() -> None:
     if "prefix" in only:
         print("\n| prefix cache | TTFT per turn (ms) | worst later turn ÷ turn 1 | hit rate |")
         print("|---|---|---|---|")
+        replies = {}
         for name, extra in (("on", []), ("off", ["--no-prefix-cache"])):
             r = paged.prefix(flags + extra)
+            replies[name] = r["replies"]
             print(f"| {name} | {', '.join(map(str, r['ttft_ms']))} | {r['later_over_first']} | {r['hit_rate']} |",
                   flush=True)
+        same = sum(a == b for a, b in zip(replies["on"], replies["off"]))
+        first = next((i for i, (a, b) in enumerate(zip(replies["on"], replies["off"])) if a != b), None)
+        print(f"\nGreedy replies with the prefix cache equal to those without it: {same} of {len(replies['off'])} "
+              f"turns (3 conversations){'' if first is None else f'; the first that differs is turn {first + 1}'}")
     if "calls" in only:
         print("\n| one call (embedded model, fp32) | ms |")
         print("|---|---|")
         for name, ms in paged.calls().items():
             print(f"| {name} | {ms} |", flush=True)
+    if "hits" in only:
+        from kimi_jax.runtime.default_model import load, load_default, random_checkpoint
+
+        print("\n| model | dtype | prefix hit vs whole prefill: max logit difference ÷ max logit "
+              "| greedy token differs |")
+        print("|---|---|---|---|")
+        for name, loader in (("embedded", load_default), ("random (TINY_KIMI)", lambda dtype: load(
+                random_checkpoint(), dtype=dtype))):
+            for dtype in ("float32", "bfloat16"):
+                r = paged.hit_logits(loader(dtype=dtype))
+                print(f"| {name} | {dtype} | {r['max_rel']} | {r['argmax_differs']} of {r['trials']} |", flush=True)
     if "itl" in only:
         print("\n| --prefill-chunk | median ITL without it, same lengths (ms) | p99 ITL while admitting (ms) | ratio "
               "| median ITL before it (ms) | p99 ÷ that | gaps during / matched | admission ms | worst gap ms |")

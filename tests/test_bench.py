@@ -141,3 +141,14 @@ def test_itl_compares_the_admission_with_the_same_streams_at_the_same_lengths():
     # A stream that ended before the admission leaves nothing to compare: a clear error.
     with pytest.raises(ValueError, match="no gaps to compare"):
         matched_gaps([([ts[:10] for ts in times], arrived, admitted)], control, baseline_s=1.0)
+
+
+def test_the_hit_logits_benchmark_compares_a_prefix_hit_with_a_whole_prefill():
+    """bench.paged.hit_logits: in fp32 a prefix hit's logits are a whole prefill's (to rounding); in
+    bfloat16 the two round differently, which is what the benchmark exists to measure."""
+    from kimi_jax.bench.paged import hit_logits
+    from kimi_jax.runtime.default_model import load_default
+
+    fp32 = hit_logits(load_default(), trials=3)
+    assert fp32["trials"] == 3 and fp32["max_rel"] <= 1e-5 and fp32["argmax_differs"] == 0
+    assert hit_logits(load_default(dtype="bfloat16"), trials=3)["max_rel"] > 1e-5

@@ -13,6 +13,8 @@ the configurations a scenario compares run one after the other in the same invoc
   model card's weather tool, `turns` turns; time to first token of each turn (request sent -> first
   streamed delta), with the prefix cache on and off (`--no-prefix-cache`), and the hit rate; two
   conversations with their own system prompts run first, unmeasured (they compile what it needs).
+  The greedy replies of all three conversations (`replies`: every turn's assistant message, its
+  text and tool calls) are returned too, so that the two runs' replies can be compared (in any `--dtype`).
 - itl: 8 streams decoding when a 4,000-token prompt arrives. The inter-token latency of a stream is
   the gap between two of its deliveries (one per decode call, `--steps-per-call` tokens); reported
   are the p99 of the gaps that overlap the prompt's admission (sent -> its first token) and the
@@ -28,6 +30,11 @@ the configurations a scenario compares run one after the other in the same invoc
   its attention reading through the page table (every slot as far as the longest row, the width
   bucketed) and as the scheduler reads it, through blocks of the rows' own pages; and a prefill
   chunk of 256 tokens after 0 / 768 / 1,792 / 3,584 cached positions.
+- hits (in-process): a prompt prefilled from a prefix hit (its first pages another prompt's, cached)
+  against the same prompt prefilled whole, last-token logits compared, for prompts of 40–96 tokens
+  plus 9 of their own; in fp32 they agree to rounding, in bfloat16 the two computations round
+  differently (the hit's chunk has other shapes), which can change a greedy token where the top two
+  logits are that close.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.bench.serve import chat_chunks
@@ -239,6 +247,7 @@ def prefix(flags: list[str], turns: int = 4, system_tokens: int = 2000) -> dict:
                 for _ in range(turns):
                     got = await _stream(client, url, _turn(messages))
                     ttft.append(got["deliveries"][0] - got["sent"])
+                    replies.append(got["message"])
                     messages.append(got["message"])
                     for call in got["message"].get("tool_calls") or []:
                         messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
@@ -247,6 +256,7 @@ def prefix(flags: list[str], turns: int = 4, system_tokens: int = 2000) -> dict:
                         messages.append({"role": "user", "content": "And tomorrow?"})
                 return ttft
 
+        replies: list[dict] = []  # every turn's assistant message
         for system in systems[:2]:
             asyncio.run(conversation(system))
         before = metrics(url)
@@ -255,7 +265,7 @@ def prefix(flags: list[str], turns: int = 4, system_tokens: int = 2000) -> dict:
     queried = after["prefix_cache_queried_tokens_total"] - before["prefix_cache_queried_tokens_total"]
     hits = after["prefix_cache_hit_tokens_total"] - before["prefix_cache_hit_tokens_total"]
     return {"ttft_ms": [round(t * 1e3, 1) for t in ttft], "later_over_first": round(max(ttft[1:]) / ttft[0], 3),
-            "hit_rate": round(hits / queried, 3) if queried else 0.0}
+            "hit_rate": round(hits / queried, 3) if queried else 0.0, "replies": replies}
 
 
 def _turn(messages: list[dict]) -> dict:
@@ -400,3 +410,33 @@ def calls(page_size: int = 64, slots: int = 16, num_pages: int = 1024) -> dict:
             np.asarray(first)
         out[f"chunk of 256 after {start}"] = _median_ms(chunk)
     return out
+
+
+def hit_logits(model, trials: int = 8, page_size: int = 8) -> dict:
+    """The `hits` scenario (module docstring) on `model` -> the largest difference between a prefix
+    hit's last logits and a full prefill's, relative to the largest logit, and how many of `trials`
+    prompts' greedy next tokens differ."""
+    cfg, gen = model.config, model.generator
+    rng = np.random.default_rng(0)
+    worst, flips = 0.0, 0
+    for trial in range(trials):
+        base = list(rng.integers(3, cfg.vocab_size - 1, 5 * page_size + trial * page_size))
+        longer = base + list(rng.integers(3, cfg.vocab_size - 1, page_size + 1))
+        full_pages, width = len(base) // page_size, pages_for(len(longer), page_size) + 1
+        pool = init_pages(cfg, 2 * width, page_size, model.dtype)
+        counts = jnp.zeros((1, cfg.padded_vocab_size), jnp.int32)
+        table = np.full((1, width), -1, np.int32)
+        table[0, :pages_for(len(base), page_size)] = np.arange(pages_for(len(base), page_size))
+        _, pool, counts, *_ = gen.prefill_paged(pool, counts, make_requests(cfg, [base], 2, temperature=0), [0],
+                                                table, [0], [[]])
+        # The hit: base's full pages, then pages of its own (base's partly filled page is not shared).
+        table = np.full((1, width), -1, np.int32)
+        own = pages_for(len(longer), page_size) - full_pages
+        table[0, :full_pages + own] = list(range(full_pages)) + list(range(width, width + own))
+        request = make_requests(cfg, [longer], 2, temperature=0)
+        hit, *_ = gen.prefill_paged(pool, counts, request, [0], table, [full_pages * page_size], [[]])
+        full, *_ = gen.prefill(request)
+        hit, full = np.asarray(hit[0]), np.asarray(full[0])
+        worst = max(worst, float(np.abs(hit - full).max() / np.abs(full).max()))
+        flips += int(hit.argmax() != full.argmax())
+    return {"max_rel": float(f"{worst:.2g}"), "argmax_differs": flips, "trials": trials}
