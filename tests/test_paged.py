@@ -175,6 +175,24 @@ def test_prefix_cache_keeps_replies_and_counts_hits(model, alone):
     assert float(exported["kimi_jax_compilations_total"]) == sum(model.generator.traces.values()) >= 2
 
 
+def test_requests_that_differ_only_in_sampling_share_cached_pages(model):
+    """A page's contents depend on its tokens alone: a sampled request with a logit_bias and a penalty
+    hits the pages a greedy one left, and its reply is the one it gets with the prefix cache off."""
+    sampled = dataclasses.replace(_request(model, LONG[2], 12),
+                                  sampling=SamplingParams(0.9, seed=5, presence_penalty=0.5, logit_bias=((7, 2.0),)))
+    replies = {}
+    for cached in (True, False):
+        sched = Scheduler(model.generator, max_batch=2, max_context=64, page_size=8, prefix_cache=cached).start()
+        for request in (_request(model, LONG[0], 4), sampled):  # one after the other: the second finds the pages
+            out, sink = _collect()
+            sched.submit(request, sink)
+            assert out["done"].wait(300)
+        sched.stop()
+        replies[cached] = out["tokens"]
+        assert sched.metrics.prefix_hit_tokens == (16 if cached else 0)  # LONG[0]'s 2 full pages of 8
+    assert replies[True] == replies[False] and len(replies[True]) > 0
+
+
 def test_serve_flags_size_the_pool_and_switch_the_prefix_cache(model):
     from kimi_jax.serve.cli import make_scheduler, parse_args
 
