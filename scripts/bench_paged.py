@@ -53,24 +53,22 @@ def main() -> None:
             print(f"| {name} | {', '.join(map(str, r['ttft_ms']))} | {r['later_over_first']} | {r['hit_rate']} |",
                   flush=True)
         same = sum(a == b for a, b in zip(replies["on"], replies["off"]))
-        first = next((i for i, (a, b) in enumerate(zip(replies["on"], replies["off"])) if a != b), None)
         print(f"\nGreedy replies with the prefix cache equal to those without it: {same} of {len(replies['off'])} "
-              f"turns (3 conversations){'' if first is None else f'; the first that differs is turn {first + 1}'}")
+              "turns (3 conversations)")
     if "calls" in only:
         print("\n| one call (embedded model, fp32) | ms |")
         print("|---|---|")
         for name, ms in paged.calls().items():
             print(f"| {name} | {ms} |", flush=True)
     if "hits" in only:
-        from kimi_jax.runtime.default_model import load, load_default, random_checkpoint
+        from kimi_jax.runtime.default_model import default_checkpoint, load, random_checkpoint
 
         print("\n| model | dtype | prefix hit vs whole prefill: max logit difference ÷ max logit "
               "| greedy token differs |")
         print("|---|---|---|---|")
-        for name, loader in (("embedded", load_default), ("random (TINY_KIMI)", lambda dtype: load(
-                random_checkpoint(), dtype=dtype))):
+        for name, checkpoint in (("embedded", default_checkpoint()), ("random (TINY_KIMI)", random_checkpoint())):
             for dtype in ("float32", "bfloat16"):
-                r = paged.hit_logits(loader(dtype=dtype))
+                r = paged.hit_logits(load(checkpoint, dtype=dtype))
                 print(f"| {name} | {dtype} | {r['max_rel']} | {r['argmax_differs']} of {r['trials']} |", flush=True)
     if "itl" in only:
         print("\n| --prefill-chunk | median ITL without it, same lengths (ms) | p99 ITL while admitting (ms) | ratio "
