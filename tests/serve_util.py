@@ -8,7 +8,8 @@ the `get_weather` tool and holds no tool result yet (two calls when it asks abou
 answer for a prompt holding a `## Return of` tool result, and 400 tokens with no stop for a prompt holding
 `LONG_TALK` (the trained model ends its replies itself). Every other prompt gets the model's own tokens.
 A scripted request still takes a slot, prefills and decodes with the others, and its reply is cut at the
-request's max_tokens like a model's.
+request's max_tokens like a model's. Clearing its `running` event holds every decode call until it is
+set again, so a test can act while a request is known to be mid-generation.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class ScriptedGenerator:
     def __init__(self, generator, script):
         self.generator, self.script = generator, script
         self._slots: dict[int, list] = {}  # slot -> [scripted tokens, how many handed out]
+        self.running = threading.Event()  # cleared: decode calls wait (a test's pause)
+        self.running.set()
 
     def __getattr__(self, name):  # cfg, dtype, mesh, layout, batch_shards, steps_per_call
         return getattr(self.generator, name)
@@ -137,6 +140,7 @@ class ScriptedGenerator:
         return logits, pool, counts, state, rows, first
 
     def decode(self, cache, state, rows, steps=None, logprobs=None, adjust=False, masks=None):
+        self.running.wait()
         if self._slots:
             slots = np.array(list(self._slots))
             lengths = np.array([len(tokens) for tokens, _ in self._slots.values()], np.int32)

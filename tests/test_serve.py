@@ -216,38 +216,21 @@ def test_bad_requests_then_healthy(server, client):
     assert client.chat.completions.create(model=MODEL, messages=ok["messages"], max_tokens=2).choices[0].message
 
 
-def test_disconnect_frees_slot(server):
+def wait_for_cancel(scheduler, what: str) -> None:
+    """Until the server has asked `scheduler` to cancel a request (it polls every DISCONNECT_POLL_S)."""
     import time
 
-    before = metrics(server.url)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "talk for a long time"}], "max_tokens": 200,
-            "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 3:
-                break
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        m = metrics(server.url)
-        if m.get('requests_total{finish_reason="cancelled"}', 0) > before.get(
-                'requests_total{finish_reason="cancelled"}', 0) and m["active_slots"] == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"slot not freed after disconnect: {m}")
-    assert m["generation_tokens_total"] - before["generation_tokens_total"] < 200
+    deadline = time.time() + 30
+    while not any(kind == "cancel" for kind, _ in list(scheduler._inbox)):
+        assert time.time() < deadline, f"the server never asked to cancel {what}"
+        time.sleep(0.05)
 
 
-def test_disconnect_non_streaming_frees_slot(server):
-    """A non-streaming client that gives up (read timeout) also frees its slot."""
+def assert_cancelled_and_freed(server, before: dict, max_tokens: int) -> None:
+    """The abandoned request ends as cancelled, short of its max_tokens, and its slot is free again."""
     import time
 
     key = 'requests_total{finish_reason="cancelled"}'
-    before = metrics(server.url)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": LONG_TALK}], "max_tokens": 400,
-            "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
     deadline = time.time() + 60
     while time.time() < deadline:
         m = metrics(server.url)
@@ -256,7 +239,43 @@ def test_disconnect_non_streaming_frees_slot(server):
         time.sleep(0.2)
     else:
         raise AssertionError(f"slot not freed after disconnect: {m}")
-    assert m["generation_tokens_total"] - before["generation_tokens_total"] < 400
+    assert m["generation_tokens_total"] - before["generation_tokens_total"] < max_tokens
+
+
+def test_disconnect_frees_slot(server):
+    """A streaming client that hangs up mid-reply frees its slot. Decoding is held from the request
+    until the server has asked to cancel it, so the reply cannot end first on a fast machine."""
+    scheduler = server.srv.scheduler
+    before = metrics(server.url)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": LONG_TALK}], "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    scheduler.generator.running.clear()
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+            next(line for line in r.iter_lines() if line.startswith("data:"))
+        wait_for_cancel(scheduler, "the abandoned stream")
+    finally:
+        scheduler.generator.running.set()
+    assert_cancelled_and_freed(server, before, max_tokens=200)
+
+
+def test_disconnect_non_streaming_frees_slot(server):
+    """A non-streaming client that gives up (read timeout) also frees its slot.
+
+    Decoding is held until the server has asked the scheduler to cancel, so the reply cannot finish
+    inside the client's timeout however fast the machine (CI once produced all 400 tokens in 1 s)."""
+    scheduler = server.srv.scheduler
+    before = metrics(server.url)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": LONG_TALK}], "max_tokens": 400,
+            "temperature": 0}
+    scheduler.generator.running.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+        wait_for_cancel(scheduler, "the abandoned request")
+    finally:
+        scheduler.generator.running.set()
+    assert_cancelled_and_freed(server, before, max_tokens=400)
 
 
 def test_api_key_and_overload(server):
