@@ -131,3 +131,46 @@ def test_decode_rate_leaves_compiling_out():
     assert cli._rate([turn]) == pytest.approx(10 / 1.0)
     assert "compiling new decode buckets took" in cli._summary([turn])
     assert "compiling" not in cli._summary([cli.Turn(list(range(3)), "", 2.0, 1.0)])
+
+
+def test_a_cpu_host_with_libtpu_starts_without_its_errors(env):
+    """libtpu (the test extra's deviceless TPU compiler) is installed, but this host has no TPU chip: with
+    no JAX_PLATFORMS, generate starts on the CPU alone, without libtpu's screen of start-up errors."""
+    import importlib.util
+
+    from kimi_jax.runtime.distributed import cpu_only_host
+
+    assert importlib.util.find_spec("libtpu") is not None, "the test extra installs jax[tpu]"
+    assert cpu_only_host(), "this test describes a CPU-only host (no TPU chip, no JAX GPU plugin)"
+    bare = {k: v for k, v in env.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = run(bare, "--prompt-ids", "1 2", "--max-new-tokens", "2", "--json")
+    assert len(json.loads(proc.stdout)["token_ids"]) == 2
+    assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]
+    # A platform the user chose is kept: JAX then tries libtpu as it always does.
+    chosen = run({**bare, "JAX_PLATFORMS": "tpu,cpu"}, "--prompt-ids", "1 2", "--max-new-tokens", "2", check=False)
+    assert "TPU" in chosen.stderr
+
+
+def test_cpu_only_host_sees_tpu_chips_and_gpu_plugins(monkeypatch):
+    """The check behind that: a TPU chip on the PCI bus or a TPU device file, or a JAX GPU plugin
+    installed, and JAX keeps every platform it knows."""
+    import importlib.metadata
+
+    from jax._src import hardware_utils
+
+    from kimi_jax.runtime.distributed import cpu_only_host
+
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, None))
+    assert not cpu_only_host()
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (0, None))
+    assert cpu_only_host()
+    import glob
+
+    real_glob = glob.glob
+    monkeypatch.setattr(glob, "glob", lambda p: ["/dev/accel0"] if p == "/dev/accel*" else real_glob(p))
+    assert not cpu_only_host()  # a TPU device file in a container that hides the PCI bus
+    monkeypatch.setattr(glob, "glob", real_glob)
+    plugin = importlib.metadata.EntryPoint("xla_cuda12", "jax_cuda12_plugin", "jax_plugins")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [plugin] if group == "jax_plugins" else [])
+    assert not cpu_only_host()

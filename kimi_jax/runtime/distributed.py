@@ -10,6 +10,11 @@ and calls `initialize(args)` before it touches a JAX device:
     arguments, which reads the topology from the TPU metadata;
   * neither: a single process, nothing to initialize.
 
+On a host with no TPU chip and no GPU plugin, where libtpu is installed only for deviceless TPU
+compiles (the `tpu` and `test` extras), `initialize` limits JAX to its CPU backend unless
+JAX_PLATFORMS or `jax_platforms` says otherwise: JAX would otherwise start libtpu, which finds no
+chip and prints a screen of errors on every launch before JAX falls back to the CPU.
+
 For local CPU tests, `--num-cpu-devices K` gives each process K CPU devices, and cross-process
 collectives use gloo (XLA's CPU backend has no other). A process that cannot reach the
 coordinator fails with `DistributedError` after `--init-timeout` seconds instead of hanging.
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
+import pkgutil
 import socket
 import sys
 import time
@@ -82,6 +89,31 @@ def _tpu_pod(args: argparse.Namespace) -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # set by the TPU runtime on multi-host slices
 
 
+def cpu_only_host() -> bool:
+    """No TPU chip on this host (JAX's own PCI check, and no TPU device file: a container may hide the
+    PCI bus) and no JAX GPU plugin installed: the CPU is the only backend JAX could start here. False
+    when unsure (a jax without the check, or JAX_FORCE_TPU_INIT set)."""
+    from importlib.metadata import entry_points
+
+    if os.environ.get("JAX_FORCE_TPU_INIT") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return False
+    try:
+        from jax._src import hardware_utils
+
+        chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    except (ImportError, AttributeError, OSError):
+        return False
+    if chips:
+        return False
+    try:  # GPU plugins register as `jax_plugins` entry points or modules of the `jax_plugins` namespace
+        import jax_plugins
+
+        modules = list(pkgutil.iter_modules(jax_plugins.__path__))
+    except ImportError:
+        modules = []
+    return not modules and not list(entry_points(group="jax_plugins"))
+
+
 def initialize(args: argparse.Namespace) -> ProcessInfo:
     """Join the other processes (module docstring); returns this process's id and the count.
 
@@ -94,6 +126,8 @@ def initialize(args: argparse.Namespace) -> ProcessInfo:
     num, pid = setting(args, "num_processes"), setting(args, "process_id")
     cpu_devices = setting(args, "num_cpu_devices")
     timeout = setting(args, "init_timeout") or DEFAULT_TIMEOUT_S
+    if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms and cpu_only_host():
+        jax.config.update("jax_platforms", "cpu")  # libtpu would find no chip (module docstring)
     if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     if _tpu_pod(args):
